@@ -1,0 +1,5 @@
+"""stateful-route: a sidecar proxy that keeps every user on the pod holding its state."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"

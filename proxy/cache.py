@@ -1,0 +1,71 @@
+"""The per-process cache of links, in front of the link store."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+_Key = tuple[str, str, str]
+
+
+class LinkCache:
+    """Maps (namespace, service, uid) to a pod index for `ttl_s` seconds.
+
+    Entries live shorter than temporary links, so a cached pod never outlives
+    its link in the store by more than the difference. When the cache holds
+    `max_size` entries, the oldest entry is dropped first.
+
+    :param ttl_s: lifetime of an entry in seconds; 0 disables the cache.
+    :param max_size: maximum number of entries; 0 disables the cache.
+    :param clock: returns the current time in seconds.
+    """
+
+    def __init__(
+        self,
+        ttl_s: float,
+        max_size: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._ttl_s = ttl_s
+        self._max_size = max_size
+        self._clock = clock
+        self._entries: dict[_Key, tuple[int, float]] = {}
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self._ttl_s > 0 and self._max_size > 0
+
+    def get(self, key: _Key) -> int | None:
+        """Return the cached pod index, or None when absent or expired."""
+        entry = self._entries.get(key)
+        if entry is None:
+            self.misses += 1
+            return None
+        pod, expires_at = entry
+        if expires_at <= self._clock():
+            del self._entries[key]
+            self.misses += 1
+            return None
+        self.hits += 1
+        return pod
+
+    def put(self, key: _Key, pod: int) -> None:
+        """Cache `pod` for `key`, replacing an older entry."""
+        if not self.enabled:
+            return
+        self._entries.pop(key, None)
+        if len(self._entries) >= self._max_size:
+            del self._entries[next(iter(self._entries))]
+        self._entries[key] = (pod, self._clock() + self._ttl_s)
+
+    def drop(self, key: _Key) -> None:
+        """Forget the entry of `key`, if any."""
+        self._entries.pop(key, None)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)

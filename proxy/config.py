@@ -1,0 +1,413 @@
+"""Configuration: frozen dataclasses loaded from ``config.toml``.
+
+`load_config` reads the file, applies environment overrides and validates
+everything at once, so a bad file is reported with one line per problem.
+An override is named ``STATEFUL_ROUTE_<SECTION>_<KEY>`` (for example
+``STATEFUL_ROUTE_STORE_REDIS_URL``) and exists for every scalar key of the
+sections ``proxy``, ``admin``, ``store`` and ``log``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from proxy.errors import ConfigError
+from proxy.names import dns_label_problem
+from proxy.pods import Address, parse_address
+
+ENV_PREFIX = "STATEFUL_ROUTE_"
+STRATEGIES = ("round_robin",)
+STORE_BACKENDS = ("memory", "redis")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+TEMPLATE_FIELDS = ("service", "index", "namespace")
+
+
+def _setting(
+    default: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    above: float | None = None,
+    choices: tuple[str, ...] = (),
+) -> Any:
+    """Declare a field with its validation bounds kept in the metadata."""
+    metadata = {"low": low, "high": high, "above": above, "choices": choices}
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProxySettings:
+    """The ``[proxy]`` section: where the proxy listens and how it reads requests."""
+
+    host: str = "127.0.0.1"
+    port: int = _setting(8080, low=0, high=65535)
+    namespace_header: str = "X-Namespace"
+    uid_header: str = "X-Uid"
+    service_header: str = "X-Service"
+    routed_pod_header: str = "X-Routed-Pod"
+    default_namespace: str = "default"
+    default_service: str = ""
+    shutdown_timeout_s: float = _setting(10.0, low=0)
+    upstream_connections_per_pod: int = _setting(256, low=1)
+    upstream_idle_timeout_s: float = _setting(30.0, above=0)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AdminSettings:
+    """The ``[admin]`` section: the admin API, on loopback by default."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = _setting(9901, low=0, high=65535)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StoreSettings:
+    """The ``[store]`` section: where links live and how long."""
+
+    backend: str = _setting("memory", choices=STORE_BACKENDS)
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_timeout_s: float = _setting(1.0, above=0)
+    redis_connect_timeout_s: float = _setting(1.0, above=0)
+    redis_retries: int = _setting(2, low=0, high=10)
+    redis_max_connections: int = _setting(64, low=1)
+    temporary_link_ttl_s: float = _setting(300.0, above=0)
+    local_cache_ttl_s: float = _setting(240.0, low=0)
+    local_cache_size: int = _setting(100_000, low=0)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LogSettings:
+    """The ``[log]`` section."""
+
+    level: str = _setting("info", choices=LOG_LEVELS)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServiceSettings:
+    """One ``[services.NAME]`` section: the pods of a service and how to reach them.
+
+    The pods come either from `pods` (pod index = position in the list) or
+    from `address_template` expanded for index 0 to `replicas` - 1 in each
+    namespace of `namespaces`.
+    """
+
+    name: str
+    strategy: str = _setting("round_robin", choices=STRATEGIES)
+    pods: tuple[str, ...] = ()
+    address_template: str = ""
+    replicas: int = _setting(0, low=0, high=10_000)
+    namespaces: tuple[str, ...] = ()
+    connect_timeout_s: float = _setting(2.0, above=0)
+    read_timeout_s: float = _setting(30.0, above=0)
+    allow_without_uid: bool = False
+
+    def addresses(self, namespace: str) -> tuple[Address, ...] | None:
+        """Return the pod addresses in `namespace`, or None when it is not served.
+
+        Static pods serve every namespace; a templated service serves only
+        the namespaces it lists, because the namespace is part of the host.
+        """
+        if self.pods:
+            return tuple(parse_address(pod) for pod in self.pods)
+        if namespace not in self.namespaces:
+            return None
+        return tuple(
+            parse_address(self.expand_template(namespace, index))
+            for index in range(self.replicas)
+        )
+
+    def expand_template(self, namespace: str, index: int) -> str:
+        """Return `address_template` filled in for one pod."""
+        return self.address_template.format(
+            service=self.name, index=index, namespace=namespace
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    """The whole configuration of one proxy process."""
+
+    proxy: ProxySettings = field(default_factory=ProxySettings)
+    admin: AdminSettings = field(default_factory=AdminSettings)
+    store: StoreSettings = field(default_factory=StoreSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+    services: Mapping[str, ServiceSettings] = field(default_factory=dict)
+    source: str = ""
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "proxy": ProxySettings,
+    "admin": AdminSettings,
+    "store": StoreSettings,
+    "log": LogSettings,
+}
+
+
+def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
+    """Read, override from the environment and validate one configuration file.
+
+    Raises `ConfigError` with every problem found, each naming the key.
+    """
+    source = str(path)
+    try:
+        with open(path, "rb") as file:
+            document = tomllib.load(file)
+    except FileNotFoundError:
+        raise ConfigError([f"file not found: {source}"], source) from None
+    except OSError as exc:
+        raise ConfigError([f"cannot read {source}: {exc.strerror}"], source) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"invalid TOML: {exc}"], source) from None
+    return parse_config(document, environ=environ, source=source)
+
+
+def parse_config(
+    document: Mapping[str, Any],
+    *,
+    environ: Mapping[str, str] | None = None,
+    source: str = "",
+) -> Config:
+    """Build a validated `Config` from a parsed TOML document."""
+    problems: list[str] = []
+    environ = os.environ if environ is None else environ
+
+    for key in document:
+        if key not in _SECTIONS and key != "services":
+            problems.append(f"unknown section [{key}]")
+
+    sections: dict[str, Any] = {}
+    for name, cls in _SECTIONS.items():
+        table = document.get(name, {})
+        if not isinstance(table, dict):
+            problems.append(f"[{name}] must be a table, got {_type_name(table)}")
+            table = {}
+        values = dict(table)
+        values.update(_environment_overrides(name, cls, environ, problems))
+        sections[name] = _build(cls, values, f"{name}.", problems)
+
+    services: dict[str, ServiceSettings] = {}
+    service_tables = document.get("services", {})
+    if not isinstance(service_tables, dict):
+        problems.append(f"[services] must be a table, got {_type_name(service_tables)}")
+        service_tables = {}
+    for name, table in service_tables.items():
+        key = f"services.{name}"
+        label_problem = dns_label_problem(name)
+        if label_problem is not None:
+            problems.append(f"[{key}]: service name {name!r} {label_problem}")
+            continue
+        if not isinstance(table, dict):
+            problems.append(f"[{key}] must be a table, got {_type_name(table)}")
+            continue
+        service = _build(ServiceSettings, {**table, "name": name}, key + ".", problems)
+        if service is not None:
+            services[name] = _check_service(service, sections["proxy"], problems)
+
+    _check_cross_section(sections, services, problems)
+    if problems:
+        raise ConfigError(problems, source)
+    return Config(**sections, services=services, source=source)
+
+
+def _environment_overrides(
+    section: str, cls: type[Any], environ: Mapping[str, str], problems: list[str]
+) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    hints = typing.get_type_hints(cls)
+    for spec in dataclasses.fields(cls):
+        variable = f"{ENV_PREFIX}{section}_{spec.name}".upper()
+        if variable not in environ:
+            continue
+        raw = environ[variable]
+        kind = hints[spec.name]
+        try:
+            overrides[spec.name] = _parse_environment_value(raw, kind)
+        except ValueError:
+            problems.append(f"{variable}={raw!r}: expected {_expected_name(kind)}")
+    return overrides
+
+
+def _parse_environment_value(raw: str, kind: Any) -> Any:
+    if kind is bool:
+        lowered = raw.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(raw)
+    if kind is int:
+        return int(raw)
+    if kind is float:
+        return float(raw)
+    return raw
+
+
+def _build(
+    cls: type[Any], values: dict[str, Any], prefix: str, problems: list[str]
+) -> Any:
+    """Type-check `values` against the fields of `cls` and construct it."""
+    hints = typing.get_type_hints(cls)
+    specs = {spec.name: spec for spec in dataclasses.fields(cls)}
+    accepted: dict[str, Any] = {}
+    count_before = len(problems)
+
+    for key, value in values.items():
+        spec = specs.get(key)
+        if spec is None:
+            problems.append(f"{prefix}{key}: unknown key")
+            continue
+        checked = _check_value(f"{prefix}{key}", value, hints[key], spec, problems)
+        if checked is not None:
+            accepted[key] = checked
+
+    if len(problems) > count_before:
+        return None if cls is ServiceSettings else cls()
+    return cls(**accepted)
+
+
+def _check_value(
+    key: str,
+    value: Any,
+    kind: Any,
+    spec: dataclasses.Field[Any],
+    problems: list[str],
+) -> Any:
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if typing.get_origin(kind) is tuple:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            problems.append(f"{key} = {value!r}: expected a list of strings")
+            return None
+        return tuple(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        problems.append(
+            f"{key} = {value!r}: expected {_expected_name(kind)}, "
+            f"got {_type_name(value)}"
+        )
+        return None
+
+    meta = spec.metadata
+    if meta.get("choices") and value not in meta["choices"]:
+        allowed = ", ".join(repr(choice) for choice in meta["choices"])
+        problems.append(f"{key} = {value!r}: expected one of {allowed}")
+        return None
+    if meta.get("low") is not None and value < meta["low"]:
+        problems.append(f"{key} = {value!r}: must be >= {meta['low']}")
+        return None
+    if meta.get("high") is not None and value > meta["high"]:
+        problems.append(f"{key} = {value!r}: must be <= {meta['high']}")
+        return None
+    if meta.get("above") is not None and not value > meta["above"]:
+        problems.append(f"{key} = {value!r}: must be > {meta['above']}")
+        return None
+    return value
+
+
+def _check_service(
+    service: ServiceSettings, proxy: ProxySettings, problems: list[str]
+) -> ServiceSettings:
+    key = f"services.{service.name}"
+    if service.pods and service.address_template:
+        problems.append(f"[{key}]: set either pods or address_template, not both")
+        return service
+    if not service.pods and not service.address_template:
+        problems.append(f"[{key}]: no pods: set pods or address_template")
+        return service
+
+    for position, pod in enumerate(service.pods):
+        try:
+            parse_address(pod)
+        except ValueError as exc:
+            problems.append(f"{key}.pods[{position}] = {pod!r}: {exc}")
+
+    if service.address_template:
+        if service.replicas < 1:
+            problems.append(f"{key}.replicas: must be >= 1 with address_template")
+        namespaces = service.namespaces or (proxy.default_namespace,)
+        for namespace in namespaces:
+            label_problem = dns_label_problem(namespace)
+            if label_problem is not None:
+                problems.append(
+                    f"{key}.namespaces: namespace {namespace!r} {label_problem}"
+                )
+        try:
+            parse_address(service.expand_template(namespaces[0], 0))
+        except (KeyError, IndexError, ValueError) as exc:
+            problems.append(
+                f"{key}.address_template = {service.address_template!r}: "
+                f"{_template_problem(exc)}"
+            )
+        service = dataclasses.replace(service, namespaces=namespaces)
+    elif service.namespaces:
+        problems.append(f"{key}.namespaces: only used with address_template")
+    elif service.replicas:
+        problems.append(f"{key}.replicas: only used with address_template")
+    return service
+
+
+def _template_problem(exc: Exception) -> str:
+    if isinstance(exc, KeyError):
+        allowed = ", ".join("{" + name + "}" for name in TEMPLATE_FIELDS)
+        return f"unknown field {{{exc.args[0]}}}, expected only {allowed}"
+    return f"does not expand to host:port ({exc})"
+
+
+def _check_cross_section(
+    sections: dict[str, Any],
+    services: dict[str, ServiceSettings],
+    problems: list[str],
+) -> None:
+    proxy: ProxySettings = sections["proxy"]
+    store: StoreSettings = sections["store"]
+
+    label_problem = dns_label_problem(proxy.default_namespace)
+    if label_problem is not None:
+        problems.append(
+            f"proxy.default_namespace = {proxy.default_namespace!r}: {label_problem}"
+        )
+    if proxy.default_service and proxy.default_service not in services:
+        problems.append(
+            f"proxy.default_service = {proxy.default_service!r}: "
+            "no [services] section with that name"
+        )
+    for name in ("namespace_header", "uid_header", "service_header"):
+        if not getattr(proxy, name).strip():
+            problems.append(f"proxy.{name}: must not be empty")
+    if store.local_cache_ttl_s >= store.temporary_link_ttl_s:
+        problems.append(
+            f"store.local_cache_ttl_s = {store.local_cache_ttl_s:g}: must be "
+            f"shorter than store.temporary_link_ttl_s "
+            f"({store.temporary_link_ttl_s:g}), or a cached pod outlives its link"
+        )
+    if store.backend == "redis" and not store.redis_url.startswith(
+        ("redis://", "rediss://", "unix://")
+    ):
+        problems.append(
+            f"store.redis_url: expected a redis://, rediss:// or unix:// URL"
+        )
+    if not services:
+        problems.append("no services: add at least one [services.NAME] section")
+
+
+def _expected_name(kind: Any) -> str:
+    names = {
+        bool: "true or false",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+    }
+    return names.get(kind, str(kind))
+
+
+def _type_name(value: object) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
+    names.update({list: "a list", dict: "a table"})
+    return names.get(type(value), type(value).__name__)

@@ -1,0 +1,62 @@
+"""Services at run time: their pods per namespace and their strategy."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from proxy.balancing import Strategy, build_strategy
+from proxy.config import ServiceSettings
+from proxy.pods import Address, Pod
+
+
+class Service:
+    """One configured service: settings, strategy and pods.
+
+    The pods of every namespace are computed once from the settings, so a
+    request never formats an address.
+    """
+
+    def __init__(self, settings: ServiceSettings) -> None:
+        self.settings = settings
+        self.name = settings.name
+        self.strategy: Strategy = build_strategy(settings.strategy)
+        self._static: tuple[Pod, ...] | None = None
+        self._by_namespace: dict[str, tuple[Pod, ...]] = {}
+        if settings.pods:
+            self._static = _numbered(settings.addresses(""))
+        for namespace in settings.namespaces:
+            self._by_namespace[namespace] = _numbered(settings.addresses(namespace))
+
+    def pods(self, namespace: str) -> tuple[Pod, ...] | None:
+        """Return the pods serving `namespace`, or None when it is not served.
+
+        Static pods serve every namespace. A templated service serves only
+        the namespaces it lists, because the namespace is part of the host.
+        """
+        if self._static is not None:
+            return self._static
+        return self._by_namespace.get(namespace)
+
+    def pod_count(self, namespace: str) -> int:
+        pods = self.pods(namespace)
+        return 0 if pods is None else len(pods)
+
+    def describe(self) -> str:
+        """Return a one-line summary for the start-up log."""
+        settings = self.settings
+        if settings.pods:
+            return f"{self.name} ({len(settings.pods)} pods, {settings.strategy})"
+        namespaces = ",".join(settings.namespaces)
+        return (
+            f"{self.name} ({settings.replicas} pods per namespace in {namespaces}, "
+            f"{settings.strategy})"
+        )
+
+
+def _numbered(addresses: tuple[Address, ...] | None) -> tuple[Pod, ...]:
+    assert addresses is not None
+    return tuple(Pod(index, address) for index, address in enumerate(addresses))
+
+
+def build_services(settings: Mapping[str, ServiceSettings]) -> dict[str, Service]:
+    return {name: Service(service) for name, service in settings.items()}

@@ -1,0 +1,119 @@
+"""The link store interface that the memory and Redis stores implement."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+PERSISTENT = -1.0
+"""TTL value of a persistent link: no expiry, recorded in the UID hash."""
+
+
+def check_ttl(ttl_s: float) -> None:
+    """Raise ValueError unless `ttl_s` is PERSISTENT or a positive number."""
+    if ttl_s != PERSISTENT and not ttl_s > 0:
+        raise ValueError(f"invalid link TTL {ttl_s!r}: expected -1 or > 0 seconds")
+
+
+def check_pod(pod: int) -> None:
+    """Raise ValueError unless `pod` is a pod index (0 is a real pod)."""
+    if pod < 0:
+        raise ValueError(f"invalid pod index {pod!r}: expected >= 0")
+
+
+class LinkStore(Protocol):
+    """Atomic operations on the links UID -> pod of one (namespace, service).
+
+    Every operation is atomic: a Lua script in Redis, a step without an await
+    in memory. A TTL is in seconds; `PERSISTENT` (-1) means no TTL. A pod is
+    a pod index; None means no link. Operations raise
+    `StoreUnavailableError` when the store cannot be reached.
+    """
+
+    backend: str
+
+    async def get(self, namespace: str, uid: str, service: str) -> int | None:
+        """Return the linked pod, or None when there is no link."""
+        ...
+
+    async def get_and_refresh(
+        self, namespace: str, uid: str, service: str, ttl_s: float
+    ) -> int | None:
+        """Return the linked pod and restart the TTL of a temporary link.
+
+        A persistent link is returned as it is. Routers use this so that a
+        user who keeps sending requests keeps the temporary link.
+        """
+        ...
+
+    async def set(
+        self, namespace: str, uid: str, service: str, pod: int, ttl_s: float
+    ) -> int | None:
+        """Overwrite the link and return the previous pod.
+
+        With `PERSISTENT` the link gets no TTL and is recorded in the UID
+        hash; otherwise it expires after `ttl_s` and leaves the UID hash.
+        """
+        ...
+
+    async def try_set(
+        self, namespace: str, uid: str, service: str, pod: int, ttl_s: float
+    ) -> tuple[bool, int | None]:
+        """Set the link unless a persistent link names a different pod.
+
+        Returns (accepted, pod linked now).
+        """
+        ...
+
+    async def set_if_absent(
+        self, namespace: str, uid: str, service: str, pod: int, ttl_s: float
+    ) -> int:
+        """Link `pod` only when no link exists; return the pod linked now."""
+        ...
+
+    async def remove(
+        self, namespace: str, uid: str, service: str, delay_s: float = 0
+    ) -> bool:
+        """Remove the link now, or let it expire after `delay_s` seconds.
+
+        The link leaves the UID hash at once; the hash is deleted when it
+        becomes empty. Returns whether a link existed.
+        """
+        ...
+
+    async def remove_if_pod(
+        self, namespace: str, uid: str, service: str, pod: int, delay_s: float = 0
+    ) -> bool:
+        """Remove the link only when it names `pod`; return whether it did."""
+        ...
+
+    async def get_if_persistent(
+        self, namespace: str, uid: str, service: str
+    ) -> int | None:
+        """Return the linked pod only when the link has no TTL."""
+        ...
+
+    async def linked_services(self, namespace: str, uid: str) -> dict[str, int]:
+        """Return every persistent link of a UID as service -> pod."""
+        ...
+
+    async def batch_get(
+        self, namespace: str, service: str, uids: Sequence[str]
+    ) -> dict[int, list[str]]:
+        """Return the links of many UIDs in one round trip as pod -> UIDs.
+
+        UIDs without a link are left out.
+        """
+        ...
+
+    async def link_ttl(self, namespace: str, uid: str, service: str) -> float | None:
+        """Return the seconds a link has left, PERSISTENT, or None when absent."""
+        ...
+
+    async def ping(self) -> None:
+        """Raise `StoreUnavailableError` unless the store answers."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections and background tasks."""
+        ...

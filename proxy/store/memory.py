@@ -1,0 +1,202 @@
+"""The embedded link store: links in this process's memory.
+
+It is the default backend, for one proxy process or a demo. Links do not
+survive a restart and are not shared with other proxies. Every operation runs
+without an await, so on one event loop each is atomic like a Lua script.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from proxy.store.base import PERSISTENT, check_pod, check_ttl
+
+_Key = tuple[str, str, str]
+
+
+@dataclass(slots=True)
+class _Link:
+    pod: int
+    expires_at: float | None  # clock time; None for a persistent link
+
+
+class MemoryStore:
+    """Link store kept in a dict, with TTLs on a monotonic clock.
+
+    :param clock: returns the current time in seconds; tests pass a fake one.
+    """
+
+    backend = "memory"
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._links: dict[_Key, _Link] = {}
+        self._persistent: dict[tuple[str, str], dict[str, int]] = {}
+        # (expires_at, key) of temporary links, popped once they are due. An
+        # entry whose link was changed since is skipped when popped.
+        self._expiries: list[tuple[float, _Key]] = []
+
+    def _live(self, key: _Key) -> _Link | None:
+        link = self._links.get(key)
+        if link is None:
+            return None
+        if link.expires_at is not None and link.expires_at <= self._clock():
+            del self._links[key]
+            return None
+        return link
+
+    def _purge_expired(self) -> None:
+        now = self._clock()
+        while self._expiries and self._expiries[0][0] <= now:
+            expires_at, key = heapq.heappop(self._expiries)
+            link = self._links.get(key)
+            if link is not None and link.expires_at == expires_at:
+                del self._links[key]
+
+    def _write(self, key: _Key, pod: int, ttl_s: float) -> None:
+        namespace, uid, service = key
+        if ttl_s == PERSISTENT:
+            self._links[key] = _Link(pod, None)
+            self._persistent.setdefault((namespace, uid), {})[service] = pod
+            return
+        expires_at = self._clock() + ttl_s
+        self._links[key] = _Link(pod, expires_at)
+        heapq.heappush(self._expiries, (expires_at, key))
+        self._forget_persistent(key)
+
+    def _forget_persistent(self, key: _Key) -> None:
+        namespace, uid, service = key
+        services = self._persistent.get((namespace, uid))
+        if services is None:
+            return
+        services.pop(service, None)
+        if not services:
+            del self._persistent[(namespace, uid)]
+
+    def _delete(self, key: _Key, delay_s: float) -> None:
+        if delay_s > 0:
+            link = self._links[key]
+            link.expires_at = self._clock() + delay_s
+            heapq.heappush(self._expiries, (link.expires_at, key))
+        else:
+            del self._links[key]
+        self._forget_persistent(key)
+
+    async def get(self, namespace: str, uid: str, service: str) -> int | None:
+        link = self._live((namespace, uid, service))
+        return None if link is None else link.pod
+
+    async def get_and_refresh(
+        self, namespace: str, uid: str, service: str, ttl_s: float
+    ) -> int | None:
+        check_ttl(ttl_s)
+        self._purge_expired()
+        key = (namespace, uid, service)
+        link = self._live(key)
+        if link is None:
+            return None
+        if link.expires_at is not None and ttl_s != PERSISTENT:
+            link.expires_at = self._clock() + ttl_s
+            heapq.heappush(self._expiries, (link.expires_at, key))
+        return link.pod
+
+    async def set(
+        self, namespace: str, uid: str, service: str, pod: int, ttl_s: float
+    ) -> int | None:
+        check_pod(pod)
+        check_ttl(ttl_s)
+        self._purge_expired()
+        key = (namespace, uid, service)
+        previous = self._live(key)
+        self._write(key, pod, ttl_s)
+        return None if previous is None else previous.pod
+
+    async def try_set(
+        self, namespace: str, uid: str, service: str, pod: int, ttl_s: float
+    ) -> tuple[bool, int | None]:
+        check_pod(pod)
+        check_ttl(ttl_s)
+        self._purge_expired()
+        key = (namespace, uid, service)
+        current = self._live(key)
+        if current is not None and current.expires_at is None and current.pod != pod:
+            return False, current.pod
+        self._write(key, pod, ttl_s)
+        return True, pod
+
+    async def set_if_absent(
+        self, namespace: str, uid: str, service: str, pod: int, ttl_s: float
+    ) -> int:
+        check_pod(pod)
+        check_ttl(ttl_s)
+        self._purge_expired()
+        key = (namespace, uid, service)
+        current = self._live(key)
+        if current is not None:
+            return current.pod
+        self._write(key, pod, ttl_s)
+        return pod
+
+    async def remove(
+        self, namespace: str, uid: str, service: str, delay_s: float = 0
+    ) -> bool:
+        key = (namespace, uid, service)
+        if self._live(key) is None:
+            self._forget_persistent(key)
+            return False
+        self._delete(key, delay_s)
+        return True
+
+    async def remove_if_pod(
+        self, namespace: str, uid: str, service: str, pod: int, delay_s: float = 0
+    ) -> bool:
+        key = (namespace, uid, service)
+        link = self._live(key)
+        if link is None or link.pod != pod:
+            return False
+        self._delete(key, delay_s)
+        return True
+
+    async def get_if_persistent(
+        self, namespace: str, uid: str, service: str
+    ) -> int | None:
+        link = self._live((namespace, uid, service))
+        if link is None or link.expires_at is not None:
+            return None
+        return link.pod
+
+    async def linked_services(self, namespace: str, uid: str) -> dict[str, int]:
+        return dict(self._persistent.get((namespace, uid), {}))
+
+    async def batch_get(
+        self, namespace: str, service: str, uids: Sequence[str]
+    ) -> dict[int, list[str]]:
+        by_pod: dict[int, list[str]] = {}
+        for uid in uids:
+            link = self._live((namespace, uid, service))
+            if link is not None:
+                by_pod.setdefault(link.pod, []).append(uid)
+        return by_pod
+
+    async def link_ttl(self, namespace: str, uid: str, service: str) -> float | None:
+        link = self._live((namespace, uid, service))
+        if link is None:
+            return None
+        if link.expires_at is None:
+            return PERSISTENT
+        return link.expires_at - self._clock()
+
+    async def ping(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        self._links.clear()
+        self._persistent.clear()
+        self._expiries.clear()
+
+    def __len__(self) -> int:
+        """Return the number of links, expired ones not yet purged included."""
+        return len(self._links)

@@ -1,4 +1,4 @@
-"""stateful-route: a sidecar proxy that keeps every user on the pod holding its state."""
+"""stateful-route: a sidecar proxy that keeps each user on the pod holding its state."""
 
 from __future__ import annotations
 

@@ -391,7 +391,7 @@ def _check_cross_section(
         ("redis://", "rediss://", "unix://")
     ):
         problems.append(
-            f"store.redis_url: expected a redis://, rediss:// or unix:// URL"
+            "store.redis_url: expected a redis://, rediss:// or unix:// URL"
         )
     if not services:
         problems.append("no services: add at least one [services.NAME] section")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable
 from typing import Any
 
 import aiohttp
@@ -101,6 +102,9 @@ class Forwarder:
             for name, service in services.items()
         }
         self.in_flight = 0
+        # Created by wait_idle only, so the request path does no event work
+        # until the proxy stops.
+        self._idle: asyncio.Event | None = None
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         """Route one request to its pod and relay the response."""
@@ -109,6 +113,19 @@ class Forwarder:
             return await self._handle(request)
         finally:
             self.in_flight -= 1
+            if self.in_flight == 0 and self._idle is not None:
+                self._idle.set()
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait up to `timeout_s` for no request in flight; return whether none is."""
+        if self.in_flight == 0:
+            return True
+        self._idle = asyncio.Event()
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         ids: dict[str, Any] = {}
@@ -261,10 +278,14 @@ class Forwarder:
                 skip_auto_headers=_SKIP_AUTO_HEADERS,
             ) as upstream:
                 response = self._downstream_response(upstream, pod)
-                await response.prepare(request)
+                # Errors of the pod's side come from reading upstream.content;
+                # the writes below fail only when the client is gone.
+                if not await _client_write(response.prepare(request), ids):
+                    return response
                 async for chunk in upstream.content.iter_chunked(_RELAY_CHUNK_SIZE):
-                    await response.write(chunk)
-                await response.write_eof()
+                    if not await _client_write(response.write(chunk), ids):
+                        return response
+                await _client_write(response.write_eof(), ids)
                 return response
         except asyncio.CancelledError:
             logger.debug("client went away, cancelled upstream request %s", _ids(ids))
@@ -296,6 +317,16 @@ class Forwarder:
         if self._proxy.routed_pod_header:
             response.headers[self._proxy.routed_pod_header] = str(pod.index)
         return response
+
+
+async def _client_write(write: Awaitable[object], ids: dict[str, Any]) -> bool:
+    """Await one write to the client; return False when the client is gone."""
+    try:
+        await write
+    except ConnectionError as exc:
+        logger.debug("client went away during the response %s: %r", _ids(ids), exc)
+        return False
+    return True
 
 
 def _single_header(request: web.BaseRequest, name: str) -> str | None:

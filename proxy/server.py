@@ -28,9 +28,6 @@ from proxy.store.memory import MemoryStore
 
 logger = logging.getLogger("stateful_route.server")
 
-# How often the drain phase checks whether in-flight requests are done.
-_DRAIN_POLL_S = 0.05
-
 
 def create_store(settings: StoreSettings) -> LinkStore:
     """Return the link store that `settings` select, not yet connected."""
@@ -153,10 +150,8 @@ class ProxyServer:
                     timeout,
                     self.in_flight,
                 )
-            deadline = time.monotonic() + timeout
-            while self.in_flight and time.monotonic() < deadline:
-                await asyncio.sleep(_DRAIN_POLL_S)
-            if self.in_flight:
+            assert self._forwarder is not None
+            if not await self._forwarder.wait_idle(timeout):
                 logger.warning(
                     "stopping: cancelling %d requests still in flight after %gs",
                     self.in_flight,

@@ -1,0 +1,492 @@
+"""The Redis link store, shared with the Java routers.
+
+Keys follow `proxy.store.keys`. Every operation that reads and then writes
+runs as one Lua script, so it is atomic, and each script touches only the
+keys of one (namespace, uid), which share a hash tag and so one Redis
+Cluster slot. A pod index is stored as a decimal string.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import redis.asyncio
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from proxy.errors import StoreDataError, StoreError, StoreUnavailableError
+from proxy.store.base import PERSISTENT, check_pod, check_ttl
+from proxy.store.keys import link_key, uid_hash_key
+
+logger = logging.getLogger("stateful_route.store")
+
+_T = TypeVar("_T")
+_Script = Callable[..., Awaitable[Any]]
+
+# Errors that mean Redis was not reached or did not reply in time. The
+# builtin TimeoutError is also asyncio.TimeoutError.
+_UNAVAILABLE_ERRORS = (RedisConnectionError, RedisTimeoutError, TimeoutError, OSError)
+
+# A pod index as this store and the Java routers write it. Python's
+# str.isdigit() would also accept non-ASCII digits, so match explicitly. The
+# length bound keeps int() from rejecting an absurdly long value itself.
+_POD_RE = re.compile(r"[0-9]{1,18}")
+
+_RETRY_BACKOFF_BASE_S = 0.01
+_RETRY_BACKOFF_CAP_S = 0.1
+
+# Lua helpers, prepended to the scripts that use them. They act on KEYS[1],
+# the link key, and KEYS[2], the UID hash key.
+#
+# write_link(pod, ttl_ms, service): ttl_ms '-1' writes a persistent link and
+# records it in the UID hash. Otherwise the link expires after ttl_ms and
+# leaves the UID hash.
+_WRITE_LINK_LUA = """
+local function write_link(pod, ttl_ms, service)
+  if ttl_ms == '-1' then
+    redis.call('SET', KEYS[1], pod)
+    redis.call('HSET', KEYS[2], service, pod)
+  else
+    redis.call('SET', KEYS[1], pod, 'PX', ttl_ms)
+    redis.call('HDEL', KEYS[2], service)
+  end
+end
+"""
+
+# delete_link(delay_ms, service): delay_ms '0' deletes the link now,
+# otherwise the link expires after delay_ms. Either way it leaves the UID
+# hash at once, and Redis deletes the hash when its last field goes.
+# Returns 1 when the link existed.
+_DELETE_LINK_LUA = """
+local function delete_link(delay_ms, service)
+  local existed
+  if delay_ms == '0' then
+    existed = redis.call('DEL', KEYS[1])
+  else
+    existed = redis.call('PEXPIRE', KEYS[1], delay_ms)
+  end
+  redis.call('HDEL', KEYS[2], service)
+  return existed
+end
+"""
+
+# names_pod(value, pod): whether the stored value is the decimal pod index
+# `pod`. Lua's tonumber() alone would also accept ' 1', '1e0' and '0x1'.
+_NAMES_POD_LUA = """
+local function names_pod(value, pod)
+  return string.match(value, '^%d+$') ~= nil and tonumber(value) == tonumber(pod)
+end
+"""
+
+# KEYS[1] link key. ARGV[1] TTL in ms.
+# Returns the pod, or nil. Restarts the TTL only when the link has one.
+GET_AND_REFRESH_LUA = """
+local pod = redis.call('GET', KEYS[1])
+if pod and redis.call('PTTL', KEYS[1]) >= 0 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[1])
+end
+return pod
+"""
+
+# KEYS[1] link key, KEYS[2] UID hash key.
+# ARGV[1] pod, ARGV[2] TTL in ms or '-1' for persistent, ARGV[3] service.
+# Returns the previous pod, or nil.
+SET_LUA = (
+    _WRITE_LINK_LUA
+    + """
+local previous = redis.call('GET', KEYS[1])
+write_link(ARGV[1], ARGV[2], ARGV[3])
+return previous
+"""
+)
+
+# KEYS[1] link key, KEYS[2] UID hash key.
+# ARGV[1] pod, ARGV[2] TTL in ms or '-1' for persistent, ARGV[3] service.
+# Returns {1, pod} when it wrote the link, or {0, current value} when a
+# persistent link names another pod or contains a value that is no pod.
+TRY_SET_LUA = (
+    _WRITE_LINK_LUA
+    + _NAMES_POD_LUA
+    + """
+local current = redis.call('GET', KEYS[1])
+if current and not names_pod(current, ARGV[1])
+    and redis.call('PTTL', KEYS[1]) == -1 then
+  return {0, current}
+end
+write_link(ARGV[1], ARGV[2], ARGV[3])
+return {1, ARGV[1]}
+"""
+)
+
+# KEYS[1] link key, KEYS[2] UID hash key.
+# ARGV[1] pod, ARGV[2] TTL in ms or '-1' for persistent, ARGV[3] service.
+# Returns the value linked now: the existing one, or ARGV[1].
+SET_IF_ABSENT_LUA = (
+    _WRITE_LINK_LUA
+    + """
+local current = redis.call('GET', KEYS[1])
+if current then
+  return current
+end
+write_link(ARGV[1], ARGV[2], ARGV[3])
+return ARGV[1]
+"""
+)
+
+# KEYS[1] link key, KEYS[2] UID hash key.
+# ARGV[1] delay in ms or '0' for now, ARGV[2] service.
+# Returns 1 when the link existed, else 0.
+REMOVE_LUA = (
+    _DELETE_LINK_LUA
+    + """
+return delete_link(ARGV[1], ARGV[2])
+"""
+)
+
+# KEYS[1] link key, KEYS[2] UID hash key.
+# ARGV[1] pod, ARGV[2] delay in ms or '0' for now, ARGV[3] service.
+# Returns 1 when it removed the link, 0 when there is no link or it names
+# another pod, or the stored value when that value is no pod index.
+REMOVE_IF_POD_LUA = (
+    _DELETE_LINK_LUA
+    + _NAMES_POD_LUA
+    + """
+local current = redis.call('GET', KEYS[1])
+if not current then
+  return 0
+end
+if not string.match(current, '^%d+$') then
+  return current
+end
+if not names_pod(current, ARGV[1]) then
+  return 0
+end
+delete_link(ARGV[2], ARGV[3])
+return 1
+"""
+)
+
+# KEYS[1] link key. No ARGV.
+# Returns the pod when the link exists and has no TTL, else nil.
+GET_IF_PERSISTENT_LUA = """
+local pod = redis.call('GET', KEYS[1])
+if pod and redis.call('PTTL', KEYS[1]) == -1 then
+  return pod
+end
+return false
+"""
+
+
+def mask_password(url: str) -> str:
+    """Return `url` with its password, in the user info or the query, as ***."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if parts.password is not None:
+        user_info, _, host = netloc.rpartition("@")
+        username = user_info.partition(":")[0]
+        netloc = f"{username}:***@{host}"
+    query = re.sub(r"(^|&)password=[^&]*", r"\1password=***", parts.query)
+    # Built by hand because urlunsplit() turns unix:///path into unix:/path.
+    masked = f"{parts.scheme}://{netloc}{parts.path}"
+    if query:
+        masked += f"?{query}"
+    if parts.fragment:
+        masked += f"#{parts.fragment}"
+    return masked
+
+
+def _milliseconds(seconds: float) -> int:
+    """Convert a positive duration to whole milliseconds, rounded up, min 1."""
+    if not math.isfinite(seconds):
+        raise ValueError(f"invalid duration {seconds!r}: expected a finite number")
+    # Rounding first keeps float noise such as 2.007 * 1000 = 2007.0000000000002
+    # from adding a millisecond.
+    return max(1, math.ceil(round(seconds * 1000, 6)))
+
+
+def _ttl_arg(ttl_s: float) -> str:
+    return "-1" if ttl_s == PERSISTENT else str(_milliseconds(ttl_s))
+
+
+def _delay_arg(delay_s: float) -> str:
+    return str(_milliseconds(delay_s)) if delay_s > 0 else "0"
+
+
+def _parse_pod(key: str, value: object) -> int | None:
+    """Return the pod index stored at `key`, or None for a missing value."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or _POD_RE.fullmatch(value) is None:
+        raise StoreDataError(key, value)
+    return int(value)
+
+
+def _require_pod(key: str, value: object) -> int:
+    pod = _parse_pod(key, value)
+    if pod is None:
+        raise StoreDataError(key, value)
+    return pod
+
+
+class RedisStore:
+    """Link store in Redis, in the key layout that the Java routers share.
+
+    :param url: ``redis://``, ``rediss://`` or ``unix://`` URL, as redis-py
+        parses it; its query string may set further connection options.
+    :param timeout_s: seconds to wait for a reply, and for a free pooled
+        connection.
+    :param connect_timeout_s: seconds to wait for a TCP connection.
+    :param retries: retries after the first attempt of a command that failed
+        on a connection error or timeout, with exponential backoff of at
+        most 0.1 s.
+    :param max_connections: size of the connection pool.
+    """
+
+    backend = "redis"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout_s: float = 1.0,
+        connect_timeout_s: float = 1.0,
+        retries: int = 2,
+        max_connections: int = 64,
+    ) -> None:
+        if not timeout_s > 0:
+            raise ValueError(f"invalid timeout_s {timeout_s!r}: expected > 0")
+        if not connect_timeout_s > 0:
+            raise ValueError(
+                f"invalid connect_timeout_s {connect_timeout_s!r}: expected > 0"
+            )
+        if retries < 0:
+            raise ValueError(f"invalid retries {retries!r}: expected >= 0")
+        if max_connections < 1:
+            raise ValueError(
+                f"invalid max_connections {max_connections!r}: expected >= 1"
+            )
+        self._url = mask_password(url)
+
+        # NOTE: a write retried after a timeout may already have run once,
+        # so set() can then return the pod it wrote itself as the previous
+        # pod, and remove() can return False for a link it removed.
+        retry = Retry(
+            ExponentialBackoff(cap=_RETRY_BACKOFF_CAP_S, base=_RETRY_BACKOFF_BASE_S),
+            retries,
+        )
+        # A blocking pool makes a burst of more than max_connections requests
+        # wait for a connection, where the default pool would fail them at
+        # once with "Too many connections".
+        pool = redis.asyncio.BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=timeout_s,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=connect_timeout_s,
+            retry=retry,
+            decode_responses=True,
+        )
+        self._client = redis.asyncio.Redis.from_pool(pool)
+
+        # AsyncScript runs EVALSHA and loads the script on NOSCRIPT.
+        register = self._client.register_script
+        self._get_and_refresh_script: _Script = register(GET_AND_REFRESH_LUA)
+        self._set_script: _Script = register(SET_LUA)
+        self._try_set_script: _Script = register(TRY_SET_LUA)
+        self._set_if_absent_script: _Script = register(SET_IF_ABSENT_LUA)
+        self._remove_script: _Script = register(REMOVE_LUA)
+        self._remove_if_pod_script: _Script = register(REMOVE_IF_POD_LUA)
+        self._get_if_persistent_script: _Script = register(GET_IF_PERSISTENT_LUA)
+
+        # Monotonic time of the first failure of the current outage, or None
+        # while Redis is reachable.
+        self._unavailable_since: float | None = None
+        self._failed_calls = 0
+
+    def describe(self) -> str:
+        """Return the Redis URL with its password masked, for logs."""
+        return self._url
+
+    async def _call(self, awaitable: Awaitable[_T]) -> _T:
+        """Await one Redis round trip and map its errors to store errors."""
+        try:
+            result = await awaitable
+        except _UNAVAILABLE_ERRORS as error:
+            reason = self._note_failure(error)
+            raise StoreUnavailableError(self.backend, reason) from error
+        except RedisError as error:
+            # An error reply such as WRONGTYPE: Redis is reachable, but the
+            # command failed, so it does not end an outage either.
+            raise StoreError(f"redis command failed: {error}") from error
+        self._note_reachable()
+        return result
+
+    def _note_failure(self, error: BaseException) -> str:
+        reason = f"{type(error).__name__}: {error}" if str(error) else repr(error)
+        self._failed_calls += 1
+        if self._unavailable_since is None:
+            self._unavailable_since = time.monotonic()
+            logger.warning("Redis store at %s is unavailable: %s", self._url, reason)
+        return reason
+
+    def _note_reachable(self) -> None:
+        if self._unavailable_since is None:
+            return
+        duration_s = time.monotonic() - self._unavailable_since
+        logger.info(
+            "Redis store at %s is reachable again after %.1f s and %d failed calls",
+            self._url,
+            duration_s,
+            self._failed_calls,
+        )
+        self._unavailable_since = None
+        self._failed_calls = 0
+
+    async def get(self, namespace: str, uid: str, service: str) -> int | None:
+        key = link_key(namespace, uid, service)
+        value = await self._call(self._client.get(key))
+        return _parse_pod(key, value)
+
+    async def get_and_refresh(
+        self, namespace: str, uid: str, service: str, ttl_s: float
+    ) -> int | None:
+        check_ttl(ttl_s)
+        if ttl_s == PERSISTENT:
+            # A temporary link keeps its TTL, as in MemoryStore.
+            return await self.get(namespace, uid, service)
+        key = link_key(namespace, uid, service)
+        value = await self._call(
+            self._get_and_refresh_script(keys=[key], args=[_ttl_arg(ttl_s)])
+        )
+        return _parse_pod(key, value)
+
+    async def set(
+        self, namespace: str, uid: str, service: str, pod: int, ttl_s: float
+    ) -> int | None:
+        """Overwrite the link and return the previous pod.
+
+        Raises StoreDataError when the previous value was no pod index. The
+        new link is written even then.
+        """
+        check_pod(pod)
+        check_ttl(ttl_s)
+        keys = self._link_keys(namespace, uid, service)
+        previous = await self._call(
+            self._set_script(keys=keys, args=[pod, _ttl_arg(ttl_s), service])
+        )
+        return _parse_pod(keys[0], previous)
+
+    async def try_set(
+        self, namespace: str, uid: str, service: str, pod: int, ttl_s: float
+    ) -> tuple[bool, int | None]:
+        check_pod(pod)
+        check_ttl(ttl_s)
+        keys = self._link_keys(namespace, uid, service)
+        result = await self._call(
+            self._try_set_script(keys=keys, args=[pod, _ttl_arg(ttl_s), service])
+        )
+        accepted, current = result
+        return accepted == 1, _require_pod(keys[0], current)
+
+    async def set_if_absent(
+        self, namespace: str, uid: str, service: str, pod: int, ttl_s: float
+    ) -> int:
+        check_pod(pod)
+        check_ttl(ttl_s)
+        keys = self._link_keys(namespace, uid, service)
+        current = await self._call(
+            self._set_if_absent_script(keys=keys, args=[pod, _ttl_arg(ttl_s), service])
+        )
+        return _require_pod(keys[0], current)
+
+    async def remove(
+        self, namespace: str, uid: str, service: str, delay_s: float = 0
+    ) -> bool:
+        keys = self._link_keys(namespace, uid, service)
+        existed = await self._call(
+            self._remove_script(keys=keys, args=[_delay_arg(delay_s), service])
+        )
+        return bool(existed == 1)
+
+    async def remove_if_pod(
+        self, namespace: str, uid: str, service: str, pod: int, delay_s: float = 0
+    ) -> bool:
+        keys = self._link_keys(namespace, uid, service)
+        result = await self._call(
+            self._remove_if_pod_script(
+                keys=keys, args=[pod, _delay_arg(delay_s), service]
+            )
+        )
+        if isinstance(result, str):
+            raise StoreDataError(keys[0], result)
+        return bool(result == 1)
+
+    async def get_if_persistent(
+        self, namespace: str, uid: str, service: str
+    ) -> int | None:
+        key = link_key(namespace, uid, service)
+        value = await self._call(self._get_if_persistent_script(keys=[key]))
+        return _parse_pod(key, value)
+
+    async def linked_services(self, namespace: str, uid: str) -> dict[str, int]:
+        key = uid_hash_key(namespace, uid)
+        fields = await self._call(self._client.hgetall(key))
+        services: dict[str, int] = {}
+        for service, value in fields.items():
+            # With decode_responses both are str, so this only narrows the type.
+            if not isinstance(service, str) or not isinstance(value, str):
+                raise StoreDataError(key, {service: value})
+            if _POD_RE.fullmatch(value) is None:
+                raise StoreDataError(key, {service: value})
+            services[service] = int(value)
+        return services
+
+    async def batch_get(
+        self, namespace: str, service: str, uids: Sequence[str]
+    ) -> dict[int, list[str]]:
+        if not uids:
+            return {}
+        keys = [link_key(namespace, uid, service) for uid in uids]
+
+        # A pipeline of GETs, not MGET, because on Redis Cluster the keys of
+        # different UIDs live in different slots.
+        async with self._client.pipeline(transaction=False) as pipeline:
+            for key in keys:
+                pipeline.get(key)
+            values: list[Any] = await self._call(pipeline.execute())
+
+        by_pod: dict[int, list[str]] = {}
+        for uid, key, value in zip(uids, keys, values, strict=True):
+            pod = _parse_pod(key, value)
+            if pod is not None:
+                by_pod.setdefault(pod, []).append(uid)
+        return by_pod
+
+    async def link_ttl(self, namespace: str, uid: str, service: str) -> float | None:
+        milliseconds = await self._call(
+            self._client.pttl(link_key(namespace, uid, service))
+        )
+        if milliseconds == -2:
+            return None
+        if milliseconds == -1:
+            return PERSISTENT
+        return milliseconds / 1000
+
+    async def ping(self) -> None:
+        await self._call(self._client.ping())
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    @staticmethod
+    def _link_keys(namespace: str, uid: str, service: str) -> list[str]:
+        return [link_key(namespace, uid, service), uid_hash_key(namespace, uid)]

@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+from proxy.cache import LinkCache
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_cache_returns_entry_until_ttl() -> None:
+    clock = FakeClock()
+    cache = LinkCache(ttl_s=10, max_size=100, clock=clock)
+    cache.put(("ns", "svc", "alice"), 0)
+
+    clock.now += 9.9
+    assert cache.get(("ns", "svc", "alice")) == 0
+    clock.now += 0.2
+    assert cache.get(("ns", "svc", "alice")) is None
+
+
+def test_cache_keeps_pod_zero() -> None:
+    cache = LinkCache(ttl_s=10, max_size=100)
+    cache.put(("ns", "svc", "alice"), 0)
+
+    assert cache.get(("ns", "svc", "alice")) == 0
+    assert cache.hits == 1
+
+
+def test_cache_drops_oldest_entry_when_full() -> None:
+    cache = LinkCache(ttl_s=10, max_size=2)
+    cache.put(("ns", "svc", "a"), 1)
+    cache.put(("ns", "svc", "b"), 2)
+    cache.put(("ns", "svc", "c"), 3)
+
+    assert len(cache) == 2
+    assert cache.get(("ns", "svc", "a")) is None
+    assert cache.get(("ns", "svc", "c")) == 3
+
+
+def test_cache_with_zero_ttl_stores_nothing() -> None:
+    cache = LinkCache(ttl_s=0, max_size=100)
+    cache.put(("ns", "svc", "alice"), 1)
+
+    assert len(cache) == 0
+    assert cache.get(("ns", "svc", "alice")) is None
+
+
+def test_cache_drop_forgets_entry() -> None:
+    cache = LinkCache(ttl_s=10, max_size=100)
+    cache.put(("ns", "svc", "alice"), 1)
+    cache.drop(("ns", "svc", "alice"))
+
+    assert cache.get(("ns", "svc", "alice")) is None
+    assert cache.misses == 1

@@ -1,0 +1,225 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proxy.config import load_config, parse_config
+from proxy.errors import ConfigError
+from proxy.pods import Address
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def minimal(**sections: Any) -> dict[str, Any]:
+    document: dict[str, Any] = {
+        "services": {"game": {"pods": ["127.0.0.1:9001", "127.0.0.1:9002"]}}
+    }
+    document.update(sections)
+    return document
+
+
+def problems_of(
+    document: dict[str, Any], environ: dict[str, str] | None = None
+) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(document, environ=environ or {})
+    return caught.value.problems
+
+
+def test_example_config_is_valid() -> None:
+    config = load_config(ROOT / "config.toml", environ={})
+
+    assert config.proxy.port == 8080
+    assert config.store.backend == "memory"
+    assert "game" in config.services
+
+
+def test_defaults_match_documented_values() -> None:
+    config = parse_config(minimal(), environ={})
+
+    assert config.proxy.namespace_header == "X-Namespace"
+    assert config.proxy.uid_header == "X-Uid"
+    assert config.proxy.service_header == "X-Service"
+    assert config.proxy.routed_pod_header == "X-Routed-Pod"
+    assert config.proxy.default_namespace == "default"
+    assert config.admin.host == "127.0.0.1"
+    assert config.store.temporary_link_ttl_s == 300
+    assert config.store.local_cache_ttl_s == 240
+    assert config.services["game"].strategy == "round_robin"
+    assert config.services["game"].allow_without_uid is False
+
+
+def test_pod_index_is_list_position() -> None:
+    config = parse_config(minimal(), environ={})
+
+    addresses = config.services["game"].addresses("default")
+
+    assert addresses == (Address("127.0.0.1", 9001), Address("127.0.0.1", 9002))
+
+
+def test_unknown_key_is_named() -> None:
+    problems = problems_of(minimal(proxy={"prot": 8080}))
+
+    assert problems == ["proxy.prot: unknown key"]
+
+
+def test_every_problem_is_reported() -> None:
+    document = minimal(
+        proxy={"port": "eighty"},
+        store={"temporary_link_ttl_s": -5, "backend": "etcd"},
+        admin={"port": 70000},
+        extra={},
+    )
+
+    problems = problems_of(document)
+
+    assert any(
+        p.startswith("proxy.port = 'eighty': expected an integer") for p in problems
+    )
+    assert any(p.startswith("store.temporary_link_ttl_s = -5") for p in problems)
+    assert any(
+        p.startswith("store.backend = 'etcd': expected one of") for p in problems
+    )
+    assert any(p.startswith("admin.port = 70000: must be <= 65535") for p in problems)
+    assert "unknown section [extra]" in problems
+    assert len(problems) == 5
+
+
+def test_boolean_is_not_an_integer() -> None:
+    problems = problems_of(minimal(proxy={"port": True}))
+
+    assert problems == ["proxy.port = True: expected an integer, got a boolean"]
+
+
+def test_integer_is_accepted_as_float() -> None:
+    config = parse_config(minimal(proxy={"shutdown_timeout_s": 3}), environ={})
+
+    assert config.proxy.shutdown_timeout_s == 3.0
+
+
+def test_invalid_pod_address_is_named() -> None:
+    document = {"services": {"game": {"pods": ["127.0.0.1:9001", "no-port"]}}}
+
+    problems = problems_of(document)
+
+    assert problems == ["services.game.pods[1] = 'no-port': expected host:port"]
+
+
+def test_service_needs_pods_or_template() -> None:
+    problems = problems_of({"services": {"game": {}}})
+
+    assert problems == ["[services.game]: no pods: set pods or address_template"]
+
+
+def test_service_name_must_be_dns_label() -> None:
+    problems = problems_of({"services": {"Game_1": {"pods": ["127.0.0.1:1"]}}})
+
+    assert len(problems) == 2
+    assert problems[0].startswith("[services.Game_1]: service name 'Game_1'")
+
+
+def test_template_expands_per_namespace() -> None:
+    document = {
+        "services": {
+            "chat": {
+                "address_template": "{service}-{index}.{service}.{namespace}.svc:8080",
+                "replicas": 2,
+                "namespaces": ["eu", "us"],
+            }
+        }
+    }
+    service = parse_config(document, environ={}).services["chat"]
+
+    assert service.addresses("eu") == (
+        Address("chat-0.chat.eu.svc", 8080),
+        Address("chat-1.chat.eu.svc", 8080),
+    )
+    assert service.addresses("asia") is None
+
+
+def test_template_defaults_to_default_namespace() -> None:
+    document = {
+        "services": {"chat": {"address_template": "chat-{index}:80", "replicas": 1}}
+    }
+
+    service = parse_config(document, environ={}).services["chat"]
+
+    assert service.namespaces == ("default",)
+
+
+def test_template_with_unknown_field_is_rejected() -> None:
+    document = {"services": {"chat": {"address_template": "{pod}:80", "replicas": 1}}}
+
+    problems = problems_of(document)
+
+    assert len(problems) == 1
+    assert "unknown field {pod}" in problems[0]
+
+
+def test_cache_must_be_shorter_than_link() -> None:
+    problems = problems_of(
+        minimal(store={"temporary_link_ttl_s": 100, "local_cache_ttl_s": 100})
+    )
+
+    assert len(problems) == 1
+    assert problems[0].startswith("store.local_cache_ttl_s = 100: must be shorter")
+
+
+def test_default_service_must_exist() -> None:
+    problems = problems_of(minimal(proxy={"default_service": "chat"}))
+
+    assert problems == [
+        "proxy.default_service = 'chat': no [services] section with that name"
+    ]
+
+
+def test_no_services_is_rejected() -> None:
+    problems = problems_of({})
+
+    assert problems == ["no services: add at least one [services.NAME] section"]
+
+
+def test_environment_overrides_file() -> None:
+    environ = {
+        "STATEFUL_ROUTE_STORE_BACKEND": "redis",
+        "STATEFUL_ROUTE_STORE_REDIS_URL": "redis://10.0.0.1:6380/2",
+        "STATEFUL_ROUTE_PROXY_PORT": "9090",
+        "STATEFUL_ROUTE_ADMIN_ENABLED": "false",
+    }
+
+    config = parse_config(minimal(proxy={"port": 8080}), environ=environ)
+
+    assert config.store.backend == "redis"
+    assert config.store.redis_url == "redis://10.0.0.1:6380/2"
+    assert config.proxy.port == 9090
+    assert config.admin.enabled is False
+
+
+def test_invalid_environment_value_is_named() -> None:
+    problems = problems_of(minimal(), environ={"STATEFUL_ROUTE_PROXY_PORT": "high"})
+
+    assert problems == ["STATEFUL_ROUTE_PROXY_PORT='high': expected an integer"]
+
+
+def test_missing_file_is_reported(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(tmp_path / "absent.toml", environ={})
+
+    assert caught.value.problems[0].startswith("file not found")
+
+
+def test_invalid_toml_is_reported(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text("[proxy\nport = 1\n")
+
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, environ={})
+
+    assert caught.value.problems[0].startswith("invalid TOML")
+
+
+def test_config_error_is_value_error() -> None:
+    with pytest.raises(ValueError):
+        parse_config({}, environ={})

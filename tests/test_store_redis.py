@@ -1,0 +1,460 @@
+"""Redis store checks: the key layout shared with Java routers, bad data, outages."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING
+
+import pytest
+import redis.asyncio
+
+from proxy.errors import StoreDataError, StoreError, StoreUnavailableError
+from proxy.store import PERSISTENT, RedisStore
+from proxy.store.redis import mask_password
+
+if TYPE_CHECKING:
+    from conftest import RedisServer, RedisServerFactory
+
+NS = "ns"
+UID = "u1"
+SERVICE = "game"
+LINK_KEY = "sf:{ns:lk:u1}game"
+UID_HASH_KEY = "sf:{ns:lk:u1}"
+TTL_S = 30.0
+
+STORE_LOGGER = "stateful_route.store"
+# Timeouts of the store in the outage tests, kept short so they run fast.
+OUTAGE_TIMEOUT_S = 0.2
+OUTAGE_RETRIES = 2
+# Upper bound for one failed call: every attempt waits at most the connect
+# and the reply timeout, plus the backoff (at most 0.1 s each) in between.
+MAX_FAILED_CALL_S = (OUTAGE_RETRIES + 1) * 2 * OUTAGE_TIMEOUT_S + OUTAGE_RETRIES * 0.1
+
+
+# Key layout
+
+
+async def test_temporary_link_is_string_without_hash(
+    redis_store: RedisStore, redis_client: redis.asyncio.Redis
+) -> None:
+    await redis_store.set(NS, UID, SERVICE, 3, TTL_S)
+
+    assert await redis_client.type(LINK_KEY) == "string"
+    assert await redis_client.get(LINK_KEY) == "3"
+    assert await redis_client.exists(UID_HASH_KEY) == 0
+
+
+async def test_temporary_link_ttl_is_within_given_ttl(
+    redis_store: RedisStore, redis_client: redis.asyncio.Redis
+) -> None:
+    await redis_store.set(NS, UID, SERVICE, 3, 1.5)
+
+    ttl_ms = await redis_client.pttl(LINK_KEY)
+
+    assert ttl_ms > 0
+    assert ttl_ms <= 1500
+
+
+async def test_temporary_ttl_rounds_up_to_milliseconds(
+    redis_store: RedisStore, redis_client: redis.asyncio.Redis
+) -> None:
+    await redis_store.set(NS, UID, SERVICE, 3, 10.0001)
+
+    ttl_ms = await redis_client.pttl(LINK_KEY)
+
+    assert ttl_ms > 9900
+    assert ttl_ms <= 10001
+
+
+async def test_persistent_link_is_string_and_hash_field(
+    redis_store: RedisStore, redis_client: redis.asyncio.Redis
+) -> None:
+    await redis_store.set(NS, UID, SERVICE, 3, PERSISTENT)
+
+    assert await redis_client.type(LINK_KEY) == "string"
+    assert await redis_client.get(LINK_KEY) == "3"
+    assert await redis_client.pttl(LINK_KEY) == -1
+    assert await redis_client.type(UID_HASH_KEY) == "hash"
+    assert await redis_client.hgetall(UID_HASH_KEY) == {SERVICE: "3"}
+
+
+async def test_removing_last_persistent_link_deletes_uid_hash(
+    redis_store: RedisStore, redis_client: redis.asyncio.Redis
+) -> None:
+    await redis_store.set(NS, UID, SERVICE, 3, PERSISTENT)
+
+    await redis_store.remove(NS, UID, SERVICE)
+
+    assert await redis_client.exists(LINK_KEY) == 0
+    assert await redis_client.exists(UID_HASH_KEY) == 0
+
+
+async def test_delayed_remove_sets_expiry_on_link(
+    redis_store: RedisStore, redis_client: redis.asyncio.Redis
+) -> None:
+    await redis_store.set(NS, UID, SERVICE, 3, PERSISTENT)
+
+    await redis_store.remove(NS, UID, SERVICE, delay_s=5.0)
+
+    ttl_ms = await redis_client.pttl(LINK_KEY)
+    assert ttl_ms > 0
+    assert ttl_ms <= 5000
+    assert await redis_client.exists(UID_HASH_KEY) == 0
+
+
+async def test_delayed_remove_if_pod_sets_expiry_on_link(
+    redis_store: RedisStore, redis_client: redis.asyncio.Redis
+) -> None:
+    await redis_store.set(NS, UID, SERVICE, 3, PERSISTENT)
+
+    assert await redis_store.remove_if_pod(NS, UID, SERVICE, 3, delay_s=5.0)
+
+    ttl_ms = await redis_client.pttl(LINK_KEY)
+    assert ttl_ms > 0
+    assert ttl_ms <= 5000
+    assert await redis_client.exists(UID_HASH_KEY) == 0
+
+
+# Values written by another router in the documented layout
+
+
+async def test_reads_persistent_link_written_by_hand(
+    redis_store: RedisStore, redis_client: redis.asyncio.Redis
+) -> None:
+    await redis_client.set(LINK_KEY, "4")
+    await redis_client.hset(UID_HASH_KEY, SERVICE, "4")
+
+    assert await redis_store.get(NS, UID, SERVICE) == 4
+    assert await redis_store.get_if_persistent(NS, UID, SERVICE) == 4
+    assert await redis_store.linked_services(NS, UID) == {SERVICE: 4}
+    assert await redis_store.link_ttl(NS, UID, SERVICE) == PERSISTENT
+    assert await redis_store.batch_get(NS, SERVICE, [UID]) == {4: [UID]}
+
+
+async def test_reads_temporary_link_written_by_hand(
+    redis_store: RedisStore, redis_client: redis.asyncio.Redis
+) -> None:
+    await redis_client.set(LINK_KEY, "0", px=30_000)
+
+    assert await redis_store.get(NS, UID, SERVICE) == 0
+    assert await redis_store.get_if_persistent(NS, UID, SERVICE) is None
+    assert await redis_store.linked_services(NS, UID) == {}
+    remaining = await redis_store.link_ttl(NS, UID, SERVICE)
+    assert remaining is not None
+    assert 0 < remaining <= 30.0
+
+
+async def test_try_set_respects_persistent_link_written_by_hand(
+    redis_store: RedisStore, redis_client: redis.asyncio.Redis
+) -> None:
+    await redis_client.set(LINK_KEY, "4")
+    await redis_client.hset(UID_HASH_KEY, SERVICE, "4")
+
+    assert await redis_store.try_set(NS, UID, SERVICE, 5, TTL_S) == (False, 4)
+    assert await redis_client.get(LINK_KEY) == "4"
+
+
+async def test_remove_if_pod_matches_leading_zero_value(
+    redis_store: RedisStore, redis_client: redis.asyncio.Redis
+) -> None:
+    await redis_client.set(LINK_KEY, "04")
+
+    assert await redis_store.get(NS, UID, SERVICE) == 4
+    assert await redis_store.remove_if_pod(NS, UID, SERVICE, 4) is True
+    assert await redis_client.exists(LINK_KEY) == 0
+
+
+# Values that are no pod index
+
+INVALID_VALUES = ["abc", "-1", "1.5", "", " 1", "1e0", "0x1", "\u0661", "9" * 5000]
+
+
+@pytest.mark.parametrize("value", INVALID_VALUES)
+async def test_get_rejects_invalid_value(
+    redis_store: RedisStore, redis_client: redis.asyncio.Redis, value: str
+) -> None:
+    await redis_client.set(LINK_KEY, value)
+
+    with pytest.raises(StoreDataError) as caught:
+        await redis_store.get(NS, UID, SERVICE)
+    assert caught.value.key == LINK_KEY
+    assert caught.value.value == value
+
+
+@pytest.mark.parametrize("value", INVALID_VALUES)
+async def test_batch_get_rejects_invalid_value(
+    redis_store: RedisStore, redis_client: redis.asyncio.Redis, value: str
+) -> None:
+    await redis_client.set(LINK_KEY, value)
+
+    with pytest.raises(StoreDataError) as caught:
+        await redis_store.batch_get(NS, SERVICE, ["u0", UID])
+    assert caught.value.key == LINK_KEY
+
+
+async def test_linked_services_rejects_invalid_value(
+    redis_store: RedisStore, redis_client: redis.asyncio.Redis
+) -> None:
+    await redis_client.hset(UID_HASH_KEY, SERVICE, "pod-1")
+
+    with pytest.raises(StoreDataError) as caught:
+        await redis_store.linked_services(NS, UID)
+    assert caught.value.key == UID_HASH_KEY
+    assert caught.value.value == {SERVICE: "pod-1"}
+
+
+async def test_set_if_absent_rejects_invalid_existing_value(
+    redis_store: RedisStore, redis_client: redis.asyncio.Redis
+) -> None:
+    await redis_client.set(LINK_KEY, "abc")
+
+    with pytest.raises(StoreDataError):
+        await redis_store.set_if_absent(NS, UID, SERVICE, 1, TTL_S)
+    assert await redis_client.get(LINK_KEY) == "abc"
+
+
+async def test_try_set_keeps_invalid_persistent_value(
+    redis_store: RedisStore, redis_client: redis.asyncio.Redis
+) -> None:
+    await redis_client.set(LINK_KEY, "abc")
+
+    with pytest.raises(StoreDataError):
+        await redis_store.try_set(NS, UID, SERVICE, 1, TTL_S)
+    assert await redis_client.get(LINK_KEY) == "abc"
+
+
+async def test_try_set_overwrites_invalid_temporary_value(
+    redis_store: RedisStore, redis_client: redis.asyncio.Redis
+) -> None:
+    await redis_client.set(LINK_KEY, "abc", px=30_000)
+
+    assert await redis_store.try_set(NS, UID, SERVICE, 1, TTL_S) == (True, 1)
+    assert await redis_client.get(LINK_KEY) == "1"
+
+
+async def test_remove_if_pod_keeps_invalid_value(
+    redis_store: RedisStore, redis_client: redis.asyncio.Redis
+) -> None:
+    await redis_client.set(LINK_KEY, "1e0")
+
+    with pytest.raises(StoreDataError):
+        await redis_store.remove_if_pod(NS, UID, SERVICE, 1)
+    assert await redis_client.get(LINK_KEY) == "1e0"
+
+
+async def test_set_writes_link_over_invalid_value(
+    redis_store: RedisStore, redis_client: redis.asyncio.Redis
+) -> None:
+    await redis_client.set(LINK_KEY, "abc")
+
+    with pytest.raises(StoreDataError):
+        await redis_store.set(NS, UID, SERVICE, 1, TTL_S)
+    assert await redis_client.get(LINK_KEY) == "1"
+
+
+async def test_wrong_key_type_raises_store_error(
+    redis_store: RedisStore, redis_client: redis.asyncio.Redis
+) -> None:
+    await redis_client.hset(LINK_KEY, "field", "1")
+
+    with pytest.raises(StoreError, match="WRONGTYPE"):
+        await redis_store.get(NS, UID, SERVICE)
+
+
+# Scripts and arguments
+
+
+async def test_scripts_are_loaded_again_after_script_flush(
+    redis_store: RedisStore, redis_client: redis.asyncio.Redis
+) -> None:
+    await redis_store.set(NS, UID, SERVICE, 1, TTL_S)
+    await redis_client.script_flush()
+
+    assert await redis_store.set(NS, UID, SERVICE, 2, TTL_S) == 1
+
+
+async def test_set_rejects_infinite_ttl(redis_store: RedisStore) -> None:
+    with pytest.raises(ValueError, match="expected a finite number"):
+        await redis_store.set(NS, UID, SERVICE, 1, float("inf"))
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        {"timeout_s": 0},
+        {"connect_timeout_s": -1.0},
+        {"retries": -1},
+        {"max_connections": 0},
+    ],
+)
+def test_constructor_rejects_invalid_option(option: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match="invalid"):
+        RedisStore("redis://127.0.0.1:1/0", **option)  # type: ignore[arg-type]
+
+
+async def test_burst_beyond_pool_size_waits_for_connection(
+    redis_server: RedisServer, redis_client: redis.asyncio.Redis
+) -> None:
+    store = RedisStore(redis_server.url, max_connections=2)
+    try:
+        results = await asyncio.gather(
+            *(
+                store.set_if_absent(NS, f"u{index}", SERVICE, 1, TTL_S)
+                for index in range(50)
+            )
+        )
+    finally:
+        await store.close()
+
+    assert results == [1] * 50
+
+
+# Password masking
+
+
+@pytest.mark.parametrize(
+    ("url", "described"),
+    [
+        ("redis://:secret@db:6379/0", "redis://:***@db:6379/0"),
+        ("redis://app:secret@db:6379/0", "redis://app:***@db:6379/0"),
+        ("rediss://app:s%40cret@db/1", "rediss://app:***@db/1"),
+        (
+            "unix:///run/redis.sock?db=0&password=secret",
+            "unix:///run/redis.sock?db=0&password=***",
+        ),
+        ("redis://db:6379/0", "redis://db:6379/0"),
+    ],
+)
+def test_mask_password_hides_password(url: str, described: str) -> None:
+    assert mask_password(url) == described
+
+
+async def test_describe_masks_password() -> None:
+    store = RedisStore("redis://app:secret@127.0.0.1:6379/0")
+    try:
+        described = store.describe()
+    finally:
+        await store.close()
+
+    assert "secret" not in described
+    assert described == "redis://app:***@127.0.0.1:6379/0"
+
+
+# Outages, on a private server that the tests stop and restart
+
+
+@pytest.fixture
+async def outage_store(
+    private_redis_server: RedisServer,
+) -> AsyncIterator[RedisStore]:
+    store = RedisStore(
+        private_redis_server.url,
+        timeout_s=OUTAGE_TIMEOUT_S,
+        connect_timeout_s=OUTAGE_TIMEOUT_S,
+        retries=OUTAGE_RETRIES,
+    )
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+async def test_stopped_server_raises_store_unavailable(
+    private_redis_server: RedisServer, outage_store: RedisStore
+) -> None:
+    await outage_store.set(NS, UID, SERVICE, 1, TTL_S)
+    private_redis_server.stop()
+
+    calls: list[Callable[[], Awaitable[object]]] = [
+        lambda: outage_store.get(NS, UID, SERVICE),
+        lambda: outage_store.set(NS, UID, SERVICE, 2, TTL_S),
+        lambda: outage_store.try_set(NS, UID, SERVICE, 2, TTL_S),
+        lambda: outage_store.remove(NS, UID, SERVICE),
+        lambda: outage_store.batch_get(NS, SERVICE, [UID]),
+        lambda: outage_store.linked_services(NS, UID),
+        lambda: outage_store.link_ttl(NS, UID, SERVICE),
+        lambda: outage_store.ping(),
+    ]
+    for call in calls:
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailableError) as caught:
+            await call()
+        assert time.monotonic() - started < MAX_FAILED_CALL_S
+        assert caught.value.backend == "redis"
+
+
+async def test_paused_server_times_out_as_unavailable(
+    private_redis_server: RedisServer, outage_store: RedisStore
+) -> None:
+    await outage_store.set(NS, UID, SERVICE, 1, TTL_S)
+    private_redis_server.pause()
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailableError, match="Timeout"):
+            await outage_store.get(NS, UID, SERVICE)
+        elapsed = time.monotonic() - started
+    finally:
+        private_redis_server.resume()
+
+    assert elapsed >= OUTAGE_TIMEOUT_S
+    assert elapsed < MAX_FAILED_CALL_S
+    assert await outage_store.get(NS, UID, SERVICE) == 1
+
+
+async def test_outage_logs_start_and_end_once(
+    private_redis_server: RedisServer,
+    outage_store: RedisStore,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger=STORE_LOGGER)
+    await outage_store.set(NS, UID, SERVICE, 1, PERSISTENT)
+    private_redis_server.stop()
+
+    for _ in range(10):
+        with pytest.raises(StoreUnavailableError):
+            await outage_store.get(NS, UID, SERVICE)
+    failures = await asyncio.gather(
+        *(outage_store.get(NS, UID, SERVICE) for _ in range(10)),
+        return_exceptions=True,
+    )
+    assert all(isinstance(error, StoreUnavailableError) for error in failures)
+
+    private_redis_server.start()
+    assert await outage_store.get(NS, UID, SERVICE) is None
+    assert await outage_store.set(NS, UID, SERVICE, 2, TTL_S) is None
+
+    records = [record for record in caplog.records if record.name == STORE_LOGGER]
+    warnings = [record for record in records if record.levelno == logging.WARNING]
+    infos = [record for record in records if record.levelno == logging.INFO]
+    assert len(warnings) == 1
+    assert "unavailable" in warnings[0].getMessage()
+    assert len(infos) == 1
+    assert "reachable again" in infos[0].getMessage()
+    assert "20 failed calls" in infos[0].getMessage()
+
+
+async def test_outage_log_masks_password(
+    redis_server_factory: RedisServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = redis_server_factory("--requirepass", "hunter2-secret")
+    store = RedisStore(
+        f"redis://:hunter2-secret@127.0.0.1:{server.port}/0",
+        timeout_s=OUTAGE_TIMEOUT_S,
+        connect_timeout_s=OUTAGE_TIMEOUT_S,
+        retries=OUTAGE_RETRIES,
+    )
+    caplog.set_level(logging.INFO, logger=STORE_LOGGER)
+    try:
+        await store.ping()
+        server.stop()
+        with pytest.raises(StoreUnavailableError) as caught:
+            await store.ping()
+    finally:
+        await store.close()
+
+    assert "hunter2-secret" not in str(caught.value)
+    assert "hunter2-secret" not in caplog.text
+    assert ":***@" in caplog.text

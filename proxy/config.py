@@ -23,7 +23,8 @@ from proxy.names import dns_label_problem
 from proxy.pods import Address, parse_address
 
 ENV_PREFIX = "STATEFUL_ROUTE_"
-STRATEGIES = ("round_robin",)
+STRATEGIES = ("round_robin", "lowest_load")
+DISCOVERY_MODES = ("static", "registry")
 STORE_BACKENDS = ("memory", "redis")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 TEMPLATE_FIELDS = ("service", "index", "namespace")
@@ -94,9 +95,11 @@ class LogSettings:
 class ServiceSettings:
     """One ``[services.NAME]`` section: the pods of a service and how to reach them.
 
-    The pods come either from `pods` (pod index = position in the list) or
-    from `address_template` expanded for index 0 to `replicas` - 1 in each
-    namespace of `namespaces`.
+    With ``discovery = "static"`` the pods come either from `pods` (pod
+    index = position in the list) or from `address_template` expanded for
+    index 0 to `replicas` - 1 in each namespace of `namespaces`. With
+    ``discovery = "registry"`` the pods are those with a fresh state record
+    in the store, each reached at the address it published.
     """
 
     name: str
@@ -108,6 +111,21 @@ class ServiceSettings:
     connect_timeout_s: float = _setting(2.0, above=0)
     read_timeout_s: float = _setting(30.0, above=0)
     allow_without_uid: bool = False
+    discovery: str = _setting("static", choices=DISCOVERY_MODES)
+    require_pod_state: bool = False
+    state_stale_after_s: float = _setting(60.0, above=0)
+    state_refresh_s: float = _setting(2.0, above=0)
+    load_range: int = _setting(500, low=0)
+
+    @property
+    def uses_registry(self) -> bool:
+        return self.discovery == "registry"
+
+    def serves(self, namespace: str) -> bool:
+        """Return whether requests of `namespace` may reach this service."""
+        if self.pods:
+            return True
+        return not self.namespaces or namespace in self.namespaces
 
     def addresses(self, namespace: str) -> tuple[Address, ...] | None:
         """Return the pod addresses in `namespace`, or None when it is not served.
@@ -117,7 +135,7 @@ class ServiceSettings:
         """
         if self.pods:
             return tuple(parse_address(pod) for pod in self.pods)
-        if namespace not in self.namespaces:
+        if self.uses_registry or namespace not in self.namespaces:
             return None
         return tuple(
             parse_address(self.expand_template(namespace, index))
@@ -132,6 +150,28 @@ class ServiceSettings:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class PodSettings:
+    """The ``[pod]`` section: the sidecar's role beside one stateful pod.
+
+    Present, it makes ``run`` also forward inbound traffic from `host:port`
+    to the application at `app_address` and publish the pod's state record.
+    """
+
+    namespace: str = "default"
+    service: str = ""
+    index: int = _setting(-1, low=-1)
+    app_address: str = ""
+    host: str = "127.0.0.1"
+    port: int = _setting(8000, low=0, high=65535)
+    advertise_address: str = ""
+    publish_period_s: float = _setting(30.0, above=0)
+    drain_s: float = _setting(-1.0, low=-1)
+    cpu_factor: float = _setting(0.7, low=0, high=1)
+    connect_timeout_s: float = _setting(2.0, above=0)
+    read_timeout_s: float = _setting(30.0, above=0)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     """The whole configuration of one proxy process."""
 
@@ -140,6 +180,7 @@ class Config:
     store: StoreSettings = field(default_factory=StoreSettings)
     log: LogSettings = field(default_factory=LogSettings)
     services: Mapping[str, ServiceSettings] = field(default_factory=dict)
+    pod: PodSettings | None = None
     source: str = ""
 
 
@@ -180,7 +221,7 @@ def parse_config(
     environ = os.environ if environ is None else environ
 
     for key in document:
-        if key not in _SECTIONS and key != "services":
+        if key not in _SECTIONS and key not in ("services", "pod"):
             problems.append(f"unknown section [{key}]")
 
     sections: dict[str, Any] = {}
@@ -211,10 +252,61 @@ def parse_config(
         if service is not None:
             services[name] = _check_service(service, sections["proxy"], problems)
 
-    _check_cross_section(sections, services, problems)
+    pod = None
+    pod_variables = [name for name in environ if name.startswith(ENV_PREFIX + "POD_")]
+    if "pod" in document or pod_variables:
+        pod = _parse_pod(document.get("pod", {}), environ, problems)
+
+    _check_cross_section(sections, services, pod, problems)
     if problems:
         raise ConfigError(problems, source)
-    return Config(**sections, services=services, source=source)
+    return Config(**sections, services=services, pod=pod, source=source)
+
+
+def _parse_pod(
+    table: Any, environ: Mapping[str, str], problems: list[str]
+) -> PodSettings | None:
+    if not isinstance(table, dict):
+        problems.append(f"[pod] must be a table, got {_type_name(table)}")
+        return None
+    values = dict(table)
+    values.update(_environment_overrides("pod", PodSettings, environ, problems))
+    count_before = len(problems)
+    pod: PodSettings = _build(PodSettings, values, "pod.", problems)
+    if len(problems) > count_before:
+        return None
+
+    changes: dict[str, Any] = {}
+    if pod.index == -1:
+        pod_name = environ.get("POD_NAME", "")
+        ordinal = pod_name.rpartition("-")[2]
+        if ordinal.isdigit():
+            changes["index"] = int(ordinal)
+        else:
+            problems.append(
+                "pod.index: not set, and POD_NAME "
+                f"{pod_name!r} does not end in -<ordinal>"
+            )
+    if "drain_s" not in values:
+        changes["drain_s"] = 5 * pod.publish_period_s
+    elif pod.drain_s < 0:
+        problems.append(f"pod.drain_s = {pod.drain_s:g}: must be >= 0")
+    if not pod.advertise_address and environ.get("POD_IP"):
+        changes["advertise_address"] = str(Address(environ["POD_IP"], pod.port))
+
+    for name in ("namespace", "service"):
+        label_problem = dns_label_problem(getattr(pod, name))
+        if label_problem is not None:
+            problems.append(f"pod.{name} = {getattr(pod, name)!r}: {label_problem}")
+    for name in ("app_address", "advertise_address"):
+        value = changes.get(name, getattr(pod, name))
+        if not value and name == "advertise_address":
+            continue
+        try:
+            parse_address(value)
+        except ValueError as exc:
+            problems.append(f"pod.{name} = {value!r}: {exc}")
+    return dataclasses.replace(pod, **changes)
 
 
 def _environment_overrides(
@@ -315,6 +407,19 @@ def _check_service(
     service: ServiceSettings, proxy: ProxySettings, problems: list[str]
 ) -> ServiceSettings:
     key = f"services.{service.name}"
+    if service.uses_registry:
+        if service.pods or service.address_template or service.replicas:
+            problems.append(
+                f'[{key}]: discovery = "registry" takes the pods from the store; '
+                "remove pods, address_template and replicas"
+            )
+        for namespace in service.namespaces:
+            label_problem = dns_label_problem(namespace)
+            if label_problem is not None:
+                problems.append(
+                    f"{key}.namespaces: namespace {namespace!r} {label_problem}"
+                )
+        return service
     if service.pods and service.address_template:
         problems.append(f"[{key}]: set either pods or address_template, not both")
         return service
@@ -363,6 +468,7 @@ def _template_problem(exc: Exception) -> str:
 def _check_cross_section(
     sections: dict[str, Any],
     services: dict[str, ServiceSettings],
+    pod: PodSettings | None,
     problems: list[str],
 ) -> None:
     proxy: ProxySettings = sections["proxy"]
@@ -393,8 +499,10 @@ def _check_cross_section(
         problems.append(
             "store.redis_url: expected a redis://, rediss:// or unix:// URL"
         )
-    if not services:
-        problems.append("no services: add at least one [services.NAME] section")
+    if not services and pod is None:
+        problems.append(
+            "no services: add at least one [services.NAME] section or a [pod] section"
+        )
 
 
 def _expected_name(kind: Any) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Awaitable
 from typing import Any
 
@@ -25,6 +26,7 @@ from proxy.names import dns_label_problem, uid_problem
 from proxy.pods import Pod
 from proxy.routing import Route, Router
 from proxy.services import Service
+from proxy.statetable import PodStates
 
 logger = logging.getLogger("stateful_route.forward")
 
@@ -79,6 +81,7 @@ class Forwarder:
     :param config: the configuration.
     :param services: the configured services by name.
     :param router: computes the linked pod.
+    :param states: the current pod sets with their state records.
     :param session: the client session holding the pooled pod connections.
     """
 
@@ -87,11 +90,13 @@ class Forwarder:
         config: Config,
         services: dict[str, Service],
         router: Router,
+        states: PodStates,
         session: aiohttp.ClientSession,
     ) -> None:
         self._proxy = config.proxy
         self._services = services
         self._router = router
+        self._states = states
         self._session = session
         self._timeouts = {
             name: aiohttp.ClientTimeout(
@@ -130,11 +135,14 @@ class Forwarder:
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         ids: dict[str, Any] = {}
         try:
-            namespace, service, pods, uid = self._read_routing_headers(request, ids)
+            namespace, service, uid = self._read_routing_headers(request, ids)
+            pod_set = self._states.get(namespace, service.name)
+            if pod_set is None:
+                pod_set = await self._states.load(namespace, service.name)
             if uid is None:
-                route = self._router.pick_unlinked(service, pods, namespace)
+                route = self._router.pick_unlinked(service, pod_set)
             else:
-                route = await self._router.route(namespace, service, pods, uid)
+                route = await self._router.route(namespace, service, pod_set, uid)
         except RequestError as exc:
             logger.info(
                 "rejected %s %s with %d: %s %s",
@@ -159,17 +167,28 @@ class Forwarder:
             logger.error("invalid link data for %s: %s", _ids(ids), exc)
             return error_response(500, "invalid_link", str(exc))
         except NoPodError as exc:
-            logger.warning("no pod for %s", _ids(ids))
-            return error_response(
-                503, "no_pod", str(exc), service=exc.service, namespace=exc.namespace
+            logger.warning("no routable pod for %s", _ids(ids))
+            response = error_response(
+                503,
+                "no_pod",
+                f"service {exc.service!r} has no routable pod in "
+                f"namespace {exc.namespace!r}",
+                service=exc.service,
+                namespace=exc.namespace,
             )
+            response.headers["Retry-After"] = str(self._retry_after_s(exc.service))
+            return response
 
         ids["pod"] = route.pod.index
         return await self._forward(request, route, service, ids)
 
+    def _retry_after_s(self, service: str) -> int:
+        """Return seconds until the pod states are read again, at least 1."""
+        return max(1, math.ceil(self._services[service].settings.state_refresh_s))
+
     def _read_routing_headers(
         self, request: web.BaseRequest, ids: dict[str, Any]
-    ) -> tuple[str, Service, tuple[Pod, ...], str | None]:
+    ) -> tuple[str, Service, str | None]:
         proxy = self._proxy
         if not request.raw_path.startswith("/"):
             # Absolute-form and authority-form targets name a host; the proxy
@@ -216,8 +235,7 @@ class Forwarder:
                 header=proxy.service_header,
                 value=service_name,
             )
-        pods = service.pods(namespace)
-        if pods is None:
+        if not service.settings.serves(namespace):
             raise RequestError(
                 404,
                 "unknown_namespace",
@@ -230,7 +248,7 @@ class Forwarder:
         uid = _single_header(request, proxy.uid_header)
         if uid is None:
             if service.settings.allow_without_uid:
-                return namespace, service, pods, None
+                return namespace, service, None
             raise RequestError(
                 400,
                 "missing_uid",
@@ -243,7 +261,7 @@ class Forwarder:
             raise RequestError(
                 400, "invalid_uid", f"UID {problem}", header=proxy.uid_header
             )
-        return namespace, service, pods, uid
+        return namespace, service, uid
 
     async def _forward(
         self,
@@ -264,6 +282,11 @@ class Forwarder:
             encoded=True,
         )
         headers = self._upstream_headers(request)
+        if route.previous is not None:
+            # Tell the pod that it received a moved user, so it can rebuild
+            # the user's state.
+            headers["X-Route-Previous-Pod"] = str(route.previous)
+            headers["X-Route-Reason"] = route.reason
         body = request.content if request.body_exists else None
 
         response: web.StreamResponse | None = None

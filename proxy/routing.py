@@ -1,16 +1,20 @@
 """Computing the linked pod of a request.
 
-The steps, for a (namespace, service, uid):
+The steps, for a (namespace, service, uid) and the service's current
+`PodSet`:
 
-1. The local cache. A cached index that the service no longer has is dropped.
+1. The local cache. A cached pod that is no longer available is dropped.
 2. The link in the store, read with `get_and_refresh` so that a user who keeps
-   sending requests keeps a temporary link alive.
-3. No link: the service's strategy picks a pod, and `set_if_absent` writes
-   it with the temporary TTL. The pod that `set_if_absent` returns wins, so
-   concurrent first requests of one UID all end on one pod.
-4. A link to a pod index that the service no longer has counts as no link.
-   It is removed with `remove_if_pod`, which fails if another router changed
-   the link meanwhile, and then step 3 runs.
+   sending requests keeps a temporary link alive. A linked pod that is
+   available is used, a draining one included: it keeps its users.
+3. No link: the strategy picks one of the routable pods, and `set_if_absent`
+   writes it with the temporary TTL. The pod that `set_if_absent` returns
+   wins, so concurrent first requests of one UID all end on one pod.
+4. A link to a pod that is not available (SHUTDOWN, stale, or an index the
+   service no longer has) is replaced with `replace_if_pod`, a
+   compare-and-set on the old pod: of concurrent requests, exactly one moves
+   the user and the others follow its choice. The user is never moved back
+   by itself when the old pod returns.
 """
 
 from __future__ import annotations
@@ -22,13 +26,14 @@ from enum import Enum
 from proxy.cache import LinkCache
 from proxy.errors import NoPodError, StoreDataError
 from proxy.pods import Pod
+from proxy.podset import PodSet
 from proxy.services import Service
 from proxy.store.base import LinkStore
 
 logger = logging.getLogger("stateful_route.routing")
 
 # Rounds of steps 2-4 before giving up. A second round is needed only when
-# another router writes a link to a missing pod between our steps.
+# another router links the user to an unavailable pod between our steps.
 _MAX_ROUNDS = 3
 
 
@@ -38,16 +43,22 @@ class Origin(Enum):
     CACHE = "cache"
     LINK = "link"
     NEW_LINK = "new_link"
-    RELINKED = "relinked"
+    MOVED = "moved"
     UNLINKED = "unlinked"
 
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """The pod a request goes to, and where that choice came from."""
+    """The pod a request goes to, and where that choice came from.
+
+    For a user moved off an unavailable pod, `previous` is that pod's index
+    and `reason` why it was left.
+    """
 
     pod: Pod
     origin: Origin
+    previous: int | None = None
+    reason: str = ""
 
 
 class Router:
@@ -62,82 +73,110 @@ class Router:
         self.store = store
         self.cache = cache
         self.link_ttl_s = link_ttl_s
+        # NOTE: links_created counts the links this router proposed and found
+        # in place; two routers proposing the same pod at once both count it.
+        self.links_created = 0
+        self.users_moved = 0
 
     async def route(
-        self, namespace: str, service: Service, pods: tuple[Pod, ...], uid: str
+        self, namespace: str, service: Service, pod_set: PodSet, uid: str
     ) -> Route:
         """Return the pod linked to `uid`, linking one first when there is none.
 
-        `pods` are the pods of `service` in `namespace`. Raises
-        `StoreUnavailableError` when the store cannot be reached.
+        Raises `NoPodError` when a new link is needed and no pod is
+        routable, and `StoreUnavailableError` when the store cannot be
+        reached.
         """
-        if not pods:
-            raise NoPodError(namespace, service.name)
         key = (namespace, service.name, uid)
         cached = self.cache.get(key)
         if cached is not None:
-            if cached < len(pods):
-                return Route(pods[cached], Origin.CACHE)
+            status = pod_set.get(cached)
+            if status is not None and status.available:
+                return Route(status.pod, Origin.CACHE)
             self.cache.drop(key)
 
-        origin = Origin.NEW_LINK
+        previous: int | None = None
+        reason = ""
         for _ in range(_MAX_ROUNDS):
             linked = await self.store.get_and_refresh(
                 namespace, uid, service.name, self.link_ttl_s
             )
-            if linked is not None and linked < len(pods):
-                self.cache.put(key, linked)
-                return Route(
-                    pods[linked], Origin.LINK if origin is Origin.NEW_LINK else origin
+            if linked is None:
+                choice = self._pick(namespace, service, pod_set, uid)
+                winner = await self.store.set_if_absent(
+                    namespace, uid, service.name, choice.index, self.link_ttl_s
                 )
-            if linked is not None:
-                await self._unlink_missing_pod(namespace, service, uid, linked, pods)
-                origin = Origin.RELINKED
-
-            choice = service.strategy.pick(pods, uid)
-            winner = await self.store.set_if_absent(
-                namespace, uid, service.name, choice.index, self.link_ttl_s
-            )
-            if winner < len(pods):
+                status = pod_set.get(winner)
+                if status is None or not status.available:
+                    continue  # another router linked an unavailable pod
                 self.cache.put(key, winner)
-                logger.debug(
-                    "linked uid=%s to pod=%d service=%s namespace=%s (%s)",
-                    uid,
-                    winner,
-                    service.name,
-                    namespace,
-                    origin.value,
-                )
-                return Route(pods[winner], origin)
+                if previous is None:
+                    self._log_link(namespace, service, uid, winner)
+                    return Route(status.pod, Origin.NEW_LINK)
+                return Route(status.pod, Origin.MOVED, previous, reason)
+
+            status = pod_set.get(linked)
+            if status is not None and status.available:
+                self.cache.put(key, linked)
+                if previous is None:
+                    return Route(status.pod, Origin.LINK)
+                # Another router moved the user first; follow its choice.
+                return Route(status.pod, Origin.MOVED, previous, reason)
+
+            previous = linked
+            reason = "missing" if status is None else status.reason
+            choice = self._pick(namespace, service, pod_set, uid)
+            replaced, _ = await self.store.replace_if_pod(
+                namespace, uid, service.name, linked, choice.index, self.link_ttl_s
+            )
+            if replaced:
+                self.cache.put(key, choice.index)
+                self._log_move(namespace, service, uid, previous, reason, choice.index)
+                return Route(choice, Origin.MOVED, previous, reason)
+            # The link changed meanwhile: the next round reads it again.
         raise StoreDataError(
             f"link of uid {uid!r} for service {service.name!r}",
-            f"a pod index outside 0..{len(pods) - 1} after {_MAX_ROUNDS} rounds",
+            f"an unavailable pod after {_MAX_ROUNDS} rounds",
         )
 
-    def pick_unlinked(
-        self, service: Service, pods: tuple[Pod, ...], namespace: str
-    ) -> Route:
-        """Return a pod for a request without a UID; no link is created."""
-        if not pods:
+    def _pick(
+        self, namespace: str, service: Service, pod_set: PodSet, uid: str | None
+    ) -> Pod:
+        if not pod_set.routable:
             raise NoPodError(namespace, service.name)
-        return Route(service.strategy.pick(pods, None), Origin.UNLINKED)
+        return service.strategy.pick(pod_set.routable, uid, pod_set)
 
-    async def _unlink_missing_pod(
+    def pick_unlinked(self, service: Service, pod_set: PodSet) -> Route:
+        """Return a routable pod for a request without a UID; no link is created."""
+        pod = self._pick(pod_set.namespace, service, pod_set, None)
+        return Route(pod, Origin.UNLINKED)
+
+    def _log_link(self, namespace: str, service: Service, uid: str, pod: int) -> None:
+        self.links_created += 1
+        logger.debug(
+            "linked uid=%s to pod=%d service=%s namespace=%s",
+            uid,
+            pod,
+            service.name,
+            namespace,
+        )
+
+    def _log_move(
         self,
         namespace: str,
         service: Service,
         uid: str,
-        linked: int,
-        pods: tuple[Pod, ...],
+        previous: int,
+        reason: str,
+        pod: int,
     ) -> None:
-        removed = await self.store.remove_if_pod(namespace, uid, service.name, linked)
+        self.users_moved += 1
         logger.info(
-            "uid=%s service=%s namespace=%s was linked to pod=%d, which the "
-            "service does not have (%d pods): %s",
+            "moved uid=%s service=%s namespace=%s from pod=%d (%s) to pod=%d",
             uid,
             service.name,
             namespace,
-            linked,
-            len(pods),
-            "removed the link" if removed else "another router changed it first",
+            previous,
+            reason,
+            pod,
         )

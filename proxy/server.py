@@ -23,6 +23,7 @@ from proxy.config import Config, StoreSettings
 from proxy.forward import Forwarder
 from proxy.routing import Router
 from proxy.services import Service, build_services
+from proxy.statetable import PodStates
 from proxy.store.base import LinkStore
 from proxy.store.memory import MemoryStore
 
@@ -67,6 +68,9 @@ class ProxyServer:
             config.store.local_cache_ttl_s, config.store.local_cache_size
         )
         self.router = Router(self.store, self.cache, config.store.temporary_link_ttl_s)
+        self.states = PodStates(self.store, self.services)
+        self._stopping = asyncio.Event()
+        self._background: list[asyncio.Task[None]] = []
         self.started_at = time.time()
         self._session: aiohttp.ClientSession | None = None
         self._forwarder: Forwarder | None = None
@@ -99,7 +103,10 @@ class ProxyServer:
             timeout=aiohttp.ClientTimeout(total=None),
         )
         self._forwarder = Forwarder(
-            self.config, self.services, self.router, self._session
+            self.config, self.services, self.router, self.states, self._session
+        )
+        self._background.append(
+            asyncio.create_task(self.states.run(self._stopping), name="pod-states")
         )
 
         server = web.Server(
@@ -158,6 +165,9 @@ class ProxyServer:
                     timeout,
                 )
             await runner.cleanup()
+        self._stopping.set()
+        for task in self._background:
+            await task
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
         if self._session is not None:

@@ -19,7 +19,7 @@ class Service:
     def __init__(self, settings: ServiceSettings) -> None:
         self.settings = settings
         self.name = settings.name
-        self.strategy: Strategy = build_strategy(settings.strategy)
+        self.strategy: Strategy = build_strategy(settings)
         self._static: tuple[Pod, ...] | None = None
         self._by_namespace: dict[str, tuple[Pod, ...]] = {}
         if settings.pods:

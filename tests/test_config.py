@@ -178,7 +178,9 @@ def test_default_service_must_exist() -> None:
 def test_no_services_is_rejected() -> None:
     problems = problems_of({})
 
-    assert problems == ["no services: add at least one [services.NAME] section"]
+    assert problems == [
+        "no services: add at least one [services.NAME] section or a [pod] section"
+    ]
 
 
 def test_environment_overrides_file() -> None:
@@ -223,3 +225,69 @@ def test_invalid_toml_is_reported(tmp_path: Path) -> None:
 def test_config_error_is_value_error() -> None:
     with pytest.raises(ValueError):
         parse_config({}, environ={})
+
+
+def test_pod_index_comes_from_pod_name() -> None:
+    document = {"pod": {"service": "game", "app_address": "127.0.0.1:8081"}}
+
+    config = parse_config(document, environ={"POD_NAME": "game-server-7"})
+
+    assert config.pod is not None
+    assert config.pod.index == 7
+    assert config.services == {}
+
+
+def test_pod_without_index_or_pod_name_is_rejected() -> None:
+    document = {"pod": {"service": "game", "app_address": "127.0.0.1:8081"}}
+
+    problems = problems_of(document, environ={"POD_NAME": "game-server"})
+
+    assert problems == [
+        "pod.index: not set, and POD_NAME 'game-server' does not end in -<ordinal>"
+    ]
+
+
+def test_pod_drain_defaults_to_five_periods() -> None:
+    document = {
+        "pod": {
+            "service": "game",
+            "index": 0,
+            "app_address": "127.0.0.1:8081",
+            "publish_period_s": 2,
+        }
+    }
+
+    config = parse_config(document, environ={})
+
+    assert config.pod is not None
+    assert config.pod.drain_s == 10.0
+
+
+def test_pod_advertises_pod_ip() -> None:
+    document = {"pod": {"service": "game", "index": 1, "app_address": "127.0.0.1:1"}}
+
+    config = parse_config(document, environ={"POD_IP": "10.1.2.3"})
+
+    assert config.pod is not None
+    assert config.pod.advertise_address == "10.1.2.3:8000"
+
+
+def test_registry_service_takes_no_pod_list() -> None:
+    document = {
+        "services": {"game": {"discovery": "registry", "pods": ["127.0.0.1:1"]}}
+    }
+
+    problems = problems_of(document)
+
+    assert len(problems) == 1
+    assert "takes the pods from the store" in problems[0]
+
+
+def test_pod_state_settings_have_defaults() -> None:
+    service = parse_config(minimal(), environ={}).services["game"]
+
+    assert service.discovery == "static"
+    assert service.require_pod_state is False
+    assert service.state_stale_after_s == 60
+    assert service.state_refresh_s == 2
+    assert service.load_range == 500

@@ -7,7 +7,8 @@ import pytest
 from proxy.cache import LinkCache
 from proxy.config import ServiceSettings
 from proxy.errors import NoPodError
-from proxy.pods import Address, Pod
+from proxy.podset import PodSet, build_pod_set
+from proxy.podstate import PodState, Routing
 from proxy.routing import Origin, Router
 from proxy.services import Service
 from proxy.store.base import PERSISTENT, LinkStore
@@ -15,6 +16,7 @@ from proxy.store.memory import MemoryStore
 
 NS = "default"
 LINK_TTL_S = 300.0
+NOW_MS = 1_764_800_000_000
 
 
 def make_service(pods: int = 3) -> Service:
@@ -22,10 +24,15 @@ def make_service(pods: int = 3) -> Service:
     return Service(ServiceSettings(name="game", pods=addresses))
 
 
-def make_pods(count: int) -> tuple[Pod, ...]:
-    return tuple(
-        Pod(index, Address("127.0.0.1", 9000 + index)) for index in range(count)
-    )
+def make_pods(count: int, **states: PodState) -> PodSet:
+    """Return the pod set of `count` pods; `states` maps "pod<i>" to a record."""
+    service = make_service(count)
+    records = {int(name[3:]): state for name, state in states.items()}
+    return build_pod_set(service.settings, NS, service.pods(NS), records, NOW_MS)
+
+
+def record(routing: Routing, load: int = 0, age_s: float = 0) -> PodState:
+    return PodState(load, routing, NOW_MS - int(age_s * 1000))
 
 
 def make_router(store: LinkStore, cache_ttl_s: float = 240.0) -> Router:
@@ -97,7 +104,7 @@ async def test_link_to_missing_pod_is_replaced() -> None:
 
     route = await router.route(NS, make_service(), make_pods(3), "alice")
 
-    assert route.origin is Origin.RELINKED
+    assert route.origin is Origin.MOVED
     assert route.pod.index < 3
     assert await store.get(NS, "alice", "game") == route.pod.index
 
@@ -111,7 +118,8 @@ async def test_cached_missing_pod_is_dropped() -> None:
 
     route = await router.route(NS, service, make_pods(2), "alice")
 
-    assert route.origin is Origin.RELINKED
+    assert route.origin is Origin.MOVED
+    assert route.previous == 2
     assert route.pod.index < 2
 
 
@@ -154,14 +162,132 @@ async def test_empty_pod_set_raises_no_pod() -> None:
     router = make_router(MemoryStore())
 
     with pytest.raises(NoPodError):
-        await router.route(NS, make_service(), (), "alice")
+        await router.route(NS, make_service(0), make_pods(0), "alice")
 
 
 async def test_request_without_uid_creates_no_link() -> None:
     store = MemoryStore()
     router = make_router(store)
 
-    route = router.pick_unlinked(make_service(), make_pods(3), NS)
+    route = router.pick_unlinked(make_service(), make_pods(3))
 
     assert route.origin is Origin.UNLINKED
     assert len(store) == 0
+
+
+async def test_draining_pod_keeps_linked_user() -> None:
+    store = MemoryStore()
+    await store.set(NS, "alice", "game", 1, LINK_TTL_S)
+    router = make_router(store, cache_ttl_s=0)
+    pods = make_pods(3, pod1=record(Routing.DENY_NEW_CALL))
+
+    route = await router.route(NS, make_service(), pods, "alice")
+
+    assert route.origin is Origin.LINK
+    assert route.pod.index == 1
+
+
+async def test_draining_pod_gets_no_new_users() -> None:
+    router = make_router(MemoryStore())
+    service = make_service()
+    pods = make_pods(3, pod1=record(Routing.DENY_NEW_CALL))
+
+    picks = {
+        (await router.route(NS, service, pods, f"user-{n}")).pod.index
+        for n in range(30)
+    }
+
+    assert picks == {0, 2}
+
+
+@pytest.mark.parametrize(
+    ("state", "reason"),
+    [
+        (record(Routing.SHUTDOWN), "shutdown"),
+        (record(Routing.READY, age_s=61), "stale"),
+    ],
+)
+async def test_unavailable_pod_loses_user_once(state: PodState, reason: str) -> None:
+    store = MemoryStore()
+    await store.set(NS, "alice", "game", 1, LINK_TTL_S)
+    router = make_router(store)
+    service = make_service()
+    pods = make_pods(3, pod1=state)
+
+    moved = await router.route(NS, service, pods, "alice")
+    again = await router.route(NS, service, pods, "alice")
+
+    assert moved.origin is Origin.MOVED
+    assert moved.previous == 1
+    assert moved.reason == reason
+    assert moved.pod.index != 1
+    assert again.pod == moved.pod
+    assert again.origin is Origin.CACHE
+    assert router.users_moved == 1
+
+
+async def test_moved_user_stays_after_pod_returns() -> None:
+    store = MemoryStore()
+    await store.set(NS, "alice", "game", 1, LINK_TTL_S)
+    router = make_router(store, cache_ttl_s=0)
+    service = make_service()
+    moved = await router.route(
+        NS, service, make_pods(3, pod1=record(Routing.SHUTDOWN)), "alice"
+    )
+
+    back = await router.route(NS, service, make_pods(3), "alice")
+
+    assert back.pod == moved.pod
+    assert back.origin is Origin.LINK
+
+
+async def test_cached_pod_that_shut_down_is_left() -> None:
+    store = MemoryStore()
+    router = make_router(store)
+    service = make_service()
+    await store.set(NS, "alice", "game", 2, LINK_TTL_S)
+    await router.route(NS, service, make_pods(3), "alice")
+
+    route = await router.route(
+        NS, service, make_pods(3, pod2=record(Routing.SHUTDOWN)), "alice"
+    )
+
+    assert route.origin is Origin.MOVED
+    assert route.pod.index != 2
+
+
+async def test_no_routable_pod_raises_no_pod() -> None:
+    router = make_router(MemoryStore())
+    pods = make_pods(
+        2, pod0=record(Routing.DENY_NEW_CALL), pod1=record(Routing.SHUTDOWN)
+    )
+
+    with pytest.raises(NoPodError):
+        await router.route(NS, make_service(2), pods, "alice")
+
+
+async def test_concurrent_moves_end_on_one_pod(redis_store: LinkStore) -> None:
+    await redis_store.set(NS, "carol", "game", 0, LINK_TTL_S)
+    service = make_service()
+    pods = make_pods(3, pod0=record(Routing.SHUTDOWN))
+    routers = [make_router(redis_store) for _ in range(20)]
+
+    routes = await asyncio.gather(
+        *(router.route(NS, service, pods, "carol") for router in routers)
+    )
+
+    assert len({route.pod.index for route in routes}) == 1
+    assert routes[0].pod.index != 0
+    assert sum(router.users_moved for router in routers) == 1
+
+
+async def test_concurrent_first_links_agree_in_redis(redis_store: LinkStore) -> None:
+    service = make_service()
+    routers = [make_router(redis_store) for _ in range(20)]
+
+    routes = await asyncio.gather(
+        *(router.route(NS, service, make_pods(3), "dave") for router in routers)
+    )
+
+    assert len({route.pod.index for route in routes}) == 1
+    assert await redis_store.get(NS, "dave", "game") == routes[0].pod.index

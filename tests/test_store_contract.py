@@ -562,3 +562,85 @@ async def test_set_if_absent_rejects_negative_pod(store: LinkStore) -> None:
 
 async def test_ping_succeeds_on_reachable_store(store: LinkStore) -> None:
     assert await store.ping() is None
+
+
+async def test_replace_if_pod_moves_link_off_old_pod(store: LinkStore) -> None:
+    await store.set(NS, UID, SERVICE, 0, TTL_S)
+
+    result = await store.replace_if_pod(NS, UID, SERVICE, 0, 2, TTL_S)
+
+    assert result == (True, 2)
+    assert await store.get(NS, UID, SERVICE) == 2
+
+
+async def test_replace_if_pod_keeps_link_of_other_pod(store: LinkStore) -> None:
+    await store.set(NS, UID, SERVICE, 1, TTL_S)
+
+    result = await store.replace_if_pod(NS, UID, SERVICE, 0, 2, TTL_S)
+
+    assert result == (False, 1)
+    assert await store.get(NS, UID, SERVICE) == 1
+
+
+async def test_replace_if_pod_without_link_writes_nothing(store: LinkStore) -> None:
+    result = await store.replace_if_pod(NS, UID, SERVICE, 0, 2, TTL_S)
+
+    assert result == (False, None)
+    assert await store.get(NS, UID, SERVICE) is None
+
+
+async def test_replace_if_pod_turns_persistent_temporary(store: LinkStore) -> None:
+    await store.set(NS, UID, SERVICE, 1, PERSISTENT)
+
+    await store.replace_if_pod(NS, UID, SERVICE, 1, 2, TTL_S)
+
+    ttl = await store.link_ttl(NS, UID, SERVICE)
+    assert ttl is not None
+    assert 0 < ttl <= TTL_S
+    assert await store.linked_services(NS, UID) == {}
+
+
+async def test_concurrent_replace_if_pod_has_one_winner(store: LinkStore) -> None:
+    await store.set(NS, UID, SERVICE, 0, TTL_S)
+
+    results = await asyncio.gather(
+        *(store.replace_if_pod(NS, UID, SERVICE, 0, pod, TTL_S) for pod in range(1, 21))
+    )
+
+    winners = [pod for replaced, pod in results if replaced]
+    assert len(winners) == 1
+    assert await store.get(NS, UID, SERVICE) == winners[0]
+
+
+async def test_pod_states_round_trip(store: LinkStore) -> None:
+    await store.publish_pod_state(NS, SERVICE, 0, '{"load":1}')
+    await store.publish_pod_state(NS, SERVICE, 2, '{"load":2}')
+    await store.publish_pod_state(NS, "chat", 0, '{"load":3}')
+
+    records = await store.read_pod_states(NS, SERVICE)
+
+    assert records == {"0": '{"load":1}', "2": '{"load":2}'}
+
+
+async def test_pod_state_publish_overwrites(store: LinkStore) -> None:
+    await store.publish_pod_state(NS, SERVICE, 1, '{"load":1}')
+    await store.publish_pod_state(NS, SERVICE, 1, '{"load":5}')
+
+    assert await store.read_pod_states(NS, SERVICE) == {"1": '{"load":5}'}
+
+
+async def test_remove_pod_state_deletes_one_record(store: LinkStore) -> None:
+    await store.publish_pod_state(NS, SERVICE, 0, "a")
+    await store.publish_pod_state(NS, SERVICE, 1, "b")
+
+    assert await store.remove_pod_state(NS, SERVICE, 0) is True
+    assert await store.remove_pod_state(NS, SERVICE, 0) is False
+    assert await store.read_pod_states(NS, SERVICE) == {"1": "b"}
+
+
+async def test_workload_round_trip(store: LinkStore) -> None:
+    assert await store.read_workload(NS, SERVICE) is None
+
+    await store.publish_workload(NS, SERVICE, '{"pods":3}')
+
+    assert await store.read_workload(NS, SERVICE) == '{"pods":3}'

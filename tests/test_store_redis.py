@@ -458,3 +458,19 @@ async def test_outage_log_masks_password(
     assert "hunter2-secret" not in str(caught.value)
     assert "hunter2-secret" not in caplog.text
     assert ":***@" in caplog.text
+
+
+async def test_state_keys_follow_documented_layout(redis_server: RedisServer) -> None:
+    store = RedisStore(redis_server.url)
+    client = redis.asyncio.from_url(redis_server.url, decode_responses=True)
+    try:
+        await client.flushdb()
+        await store.publish_pod_state("eu", "game", 0, '{"load":-3}')
+        await store.publish_workload("eu", "game", '{"pods":1}')
+
+        assert await client.type("sf:{eu:state:game}") == "hash"
+        assert await client.hgetall("sf:{eu:state:game}") == {"0": '{"load":-3}'}
+        assert await client.get("sf:{eu:workload:game}") == '{"pods":1}'
+    finally:
+        await client.aclose()
+        await store.close()

@@ -22,7 +22,7 @@ def check_pod(pod: int) -> None:
 
 
 class LinkStore(Protocol):
-    """Atomic operations on the links UID -> pod of one (namespace, service).
+    """Atomic operations on links UID -> pod, and the pods' state records.
 
     Every operation is atomic: a Lua script in Redis, a step without an await
     in memory. A TTL is in seconds; `PERSISTENT` (-1) means no TTL. A pod is
@@ -87,6 +87,22 @@ class LinkStore(Protocol):
         """Remove the link only when it names `pod`; return whether it did."""
         ...
 
+    async def replace_if_pod(
+        self,
+        namespace: str,
+        uid: str,
+        service: str,
+        old_pod: int,
+        new_pod: int,
+        ttl_s: float,
+    ) -> tuple[bool, int | None]:
+        """Relink to `new_pod` only when the link still names `old_pod`.
+
+        A compare-and-set: of concurrent callers that saw the same old pod,
+        exactly one succeeds. Returns (replaced, pod linked now or None).
+        """
+        ...
+
     async def get_if_persistent(
         self, namespace: str, uid: str, service: str
     ) -> int | None:
@@ -108,6 +124,31 @@ class LinkStore(Protocol):
 
     async def link_ttl(self, namespace: str, uid: str, service: str) -> float | None:
         """Return the seconds a link has left, PERSISTENT, or None when absent."""
+        ...
+
+    async def publish_pod_state(
+        self, namespace: str, service: str, pod: int, record: str
+    ) -> None:
+        """Store one pod's state record (JSON text) in the service's state hash."""
+        ...
+
+    async def read_pod_states(self, namespace: str, service: str) -> dict[str, str]:
+        """Return the state hash of a service as field -> record, unparsed.
+
+        Fields are pod indexes in decimal when written by a conforming pod.
+        """
+        ...
+
+    async def remove_pod_state(self, namespace: str, service: str, pod: int) -> bool:
+        """Delete one pod's state record; return whether it existed."""
+        ...
+
+    async def publish_workload(self, namespace: str, service: str, value: str) -> None:
+        """Store the service-wide workload state."""
+        ...
+
+    async def read_workload(self, namespace: str, service: str) -> str | None:
+        """Return the service-wide workload state, or None when absent."""
         ...
 
     async def ping(self) -> None:

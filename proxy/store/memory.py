@@ -38,6 +38,8 @@ class MemoryStore:
         # (expires_at, key) of temporary links, popped once they are due. An
         # entry whose link was changed since is skipped when popped.
         self._expiries: list[tuple[float, _Key]] = []
+        self._pod_states: dict[tuple[str, str], dict[str, str]] = {}
+        self._workloads: dict[tuple[str, str], str] = {}
 
     def _live(self, key: _Key) -> _Link | None:
         link = self._links.get(key)
@@ -160,6 +162,27 @@ class MemoryStore:
         self._delete(key, delay_s)
         return True
 
+    async def replace_if_pod(
+        self,
+        namespace: str,
+        uid: str,
+        service: str,
+        old_pod: int,
+        new_pod: int,
+        ttl_s: float,
+    ) -> tuple[bool, int | None]:
+        check_pod(new_pod)
+        check_ttl(ttl_s)
+        self._purge_expired()
+        key = (namespace, uid, service)
+        link = self._live(key)
+        if link is None:
+            return False, None
+        if link.pod != old_pod:
+            return False, link.pod
+        self._write(key, new_pod, ttl_s)
+        return True, new_pod
+
     async def get_if_persistent(
         self, namespace: str, uid: str, service: str
     ) -> int | None:
@@ -189,6 +212,25 @@ class MemoryStore:
             return PERSISTENT
         return link.expires_at - self._clock()
 
+    async def publish_pod_state(
+        self, namespace: str, service: str, pod: int, record: str
+    ) -> None:
+        check_pod(pod)
+        self._pod_states.setdefault((namespace, service), {})[str(pod)] = record
+
+    async def read_pod_states(self, namespace: str, service: str) -> dict[str, str]:
+        return dict(self._pod_states.get((namespace, service), {}))
+
+    async def remove_pod_state(self, namespace: str, service: str, pod: int) -> bool:
+        records = self._pod_states.get((namespace, service), {})
+        return records.pop(str(pod), None) is not None
+
+    async def publish_workload(self, namespace: str, service: str, value: str) -> None:
+        self._workloads[(namespace, service)] = value
+
+    async def read_workload(self, namespace: str, service: str) -> str | None:
+        return self._workloads.get((namespace, service))
+
     async def ping(self) -> None:
         return None
 
@@ -196,6 +238,8 @@ class MemoryStore:
         self._links.clear()
         self._persistent.clear()
         self._expiries.clear()
+        self._pod_states.clear()
+        self._workloads.clear()
 
     def __len__(self) -> int:
         """Return the number of links, expired ones not yet purged included."""

@@ -25,7 +25,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from proxy.errors import StoreDataError, StoreError, StoreUnavailableError
 from proxy.store.base import PERSISTENT, check_pod, check_ttl
-from proxy.store.keys import link_key, uid_hash_key
+from proxy.store.keys import link_key, state_key, uid_hash_key, workload_key
 
 logger = logging.getLogger("stateful_route.store")
 
@@ -175,6 +175,27 @@ return 1
 """
 )
 
+# KEYS[1] link key, KEYS[2] UID hash key.
+# ARGV[1] old pod, ARGV[2] new pod, ARGV[3] TTL in ms or '-1', ARGV[4] service.
+# Returns {1, new pod} when the link named the old pod and now names the new
+# one, {0, current value} when it names something else, or {0} when there
+# is no link.
+REPLACE_IF_POD_LUA = (
+    _WRITE_LINK_LUA
+    + _NAMES_POD_LUA
+    + """
+local current = redis.call('GET', KEYS[1])
+if not current then
+  return {0}
+end
+if not names_pod(current, ARGV[1]) then
+  return {0, current}
+end
+write_link(ARGV[2], ARGV[3], ARGV[4])
+return {1, ARGV[2]}
+"""
+)
+
 # KEYS[1] link key. No ARGV.
 # Returns the pod when the link exists and has no TTL, else nil.
 GET_IF_PERSISTENT_LUA = """
@@ -303,6 +324,7 @@ class RedisStore:
         self._set_script: _Script = register(SET_LUA)
         self._try_set_script: _Script = register(TRY_SET_LUA)
         self._set_if_absent_script: _Script = register(SET_IF_ABSENT_LUA)
+        self._replace_if_pod_script: _Script = register(REPLACE_IF_POD_LUA)
         self._remove_script: _Script = register(REMOVE_LUA)
         self._remove_if_pod_script: _Script = register(REMOVE_IF_POD_LUA)
         self._get_if_persistent_script: _Script = register(GET_IF_PERSISTENT_LUA)
@@ -430,6 +452,24 @@ class RedisStore:
             raise StoreDataError(keys[0], result)
         return bool(result == 1)
 
+    async def replace_if_pod(
+        self,
+        namespace: str,
+        uid: str,
+        service: str,
+        old_pod: int,
+        new_pod: int,
+        ttl_s: float,
+    ) -> tuple[bool, int | None]:
+        check_pod(new_pod)
+        check_ttl(ttl_s)
+        keys = self._link_keys(namespace, uid, service)
+        args = [old_pod, new_pod, _ttl_arg(ttl_s), service]
+        result = await self._call(self._replace_if_pod_script(keys=keys, args=args))
+        if len(result) < 2:
+            return False, None
+        return bool(result[0]), _require_pod(keys[0], result[1])
+
     async def get_if_persistent(
         self, namespace: str, uid: str, service: str
     ) -> int | None:
@@ -480,6 +520,30 @@ class RedisStore:
         if milliseconds == -1:
             return PERSISTENT
         return milliseconds / 1000
+
+    async def publish_pod_state(
+        self, namespace: str, service: str, pod: int, record: str
+    ) -> None:
+        check_pod(pod)
+        key = state_key(namespace, service)
+        await self._call(self._client.hset(key, str(pod), record))
+
+    async def read_pod_states(self, namespace: str, service: str) -> dict[str, str]:
+        key = state_key(namespace, service)
+        fields = await self._call(self._client.hgetall(key))
+        return {str(field): str(value) for field, value in fields.items()}
+
+    async def remove_pod_state(self, namespace: str, service: str, pod: int) -> bool:
+        key = state_key(namespace, service)
+        return bool(await self._call(self._client.hdel(key, str(pod))))
+
+    async def publish_workload(self, namespace: str, service: str, value: str) -> None:
+        key = workload_key(namespace, service)
+        await self._call(self._client.set(key, value))
+
+    async def read_workload(self, namespace: str, service: str) -> str | None:
+        value = await self._call(self._client.get(workload_key(namespace, service)))
+        return None if value is None else str(value)
 
     async def ping(self) -> None:
         await self._call(self._client.ping())

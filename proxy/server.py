@@ -12,7 +12,8 @@ import asyncio
 import logging
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -21,6 +22,8 @@ from proxy.admin import build_admin_app
 from proxy.cache import LinkCache
 from proxy.config import Config, StoreSettings
 from proxy.forward import Forwarder
+from proxy.inflight import InFlight
+from proxy.podside import PodAgent
 from proxy.routing import Router
 from proxy.services import Service, build_services
 from proxy.statetable import PodStates
@@ -28,6 +31,10 @@ from proxy.store.base import LinkStore
 from proxy.store.memory import MemoryStore
 
 logger = logging.getLogger("stateful_route.server")
+
+
+# Time the runner gives handlers after stop() stopped waiting for them.
+_CANCEL_GRACE_S = 0.05
 
 
 def create_store(settings: StoreSettings) -> LinkStore:
@@ -74,14 +81,25 @@ class ProxyServer:
         self.started_at = time.time()
         self._session: aiohttp.ClientSession | None = None
         self._forwarder: Forwarder | None = None
-        self._runner: web.ServerRunner | None = None
+        self._runners: list[web.ServerRunner] = []
+        self.pod_agent: PodAgent | None = None
+        self.inbound_address = ""
         self._admin_runner: web.AppRunner | None = None
         self.proxy_address = ""
         self.admin_address = ""
 
     @property
     def in_flight(self) -> int:
-        return 0 if self._forwarder is None else self._forwarder.in_flight
+        """Return the requests in flight on the proxy and inbound ports."""
+        return sum(counter.count for counter in self._in_flight_counters())
+
+    def _in_flight_counters(self) -> list[InFlight]:
+        counters = []
+        if self._forwarder is not None:
+            counters.append(self._forwarder.in_flight)
+        if self.pod_agent is not None:
+            counters.append(self.pod_agent.in_flight)
+        return counters
 
     async def start(self) -> None:
         """Connect the store and open the ports.
@@ -102,23 +120,25 @@ class ProxyServer:
             cookie_jar=aiohttp.DummyCookieJar(),
             timeout=aiohttp.ClientTimeout(total=None),
         )
-        self._forwarder = Forwarder(
-            self.config, self.services, self.router, self.states, self._session
-        )
-        self._background.append(
-            asyncio.create_task(self.states.run(self._stopping), name="pod-states")
-        )
 
-        server = web.Server(
-            self._forwarder.handle, handler_cancellation=True, access_log=None
-        )
-        self._runner = web.ServerRunner(
-            server, shutdown_timeout=0.0, handle_signals=False
-        )
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, proxy.host, proxy.port)
-        await site.start()
-        self.proxy_address = _bound_address(site, self._runner)
+        if self.services:
+            self._forwarder = Forwarder(
+                self.config, self.services, self.router, self.states, self._session
+            )
+            self._background_task(self.states.run(self._stopping), "pod-states")
+            runner = await self._listen(self._forwarder.handle, proxy.host, proxy.port)
+            self.proxy_address = _bound_address(runner)
+
+        pod = self.config.pod
+        if pod is not None:
+            self.pod_agent = PodAgent(pod, self.store)
+            self.pod_agent.start_relay(self._session)
+            runner = await self._listen(self.pod_agent.handle, pod.host, pod.port)
+            self.inbound_address = _bound_address(runner)
+            # The first record goes out before start() returns, so routers
+            # can see the pod as soon as the sidecar runs.
+            await self.pod_agent.publish()
+            self._background_task(self.pod_agent.run(self._stopping), "pod-publish")
 
         admin = self.config.admin
         if admin.enabled:
@@ -128,43 +148,76 @@ class ProxyServer:
             await self._admin_runner.setup()
             admin_site = web.TCPSite(self._admin_runner, admin.host, admin.port)
             await admin_site.start()
-            self.admin_address = _bound_address(admin_site, self._admin_runner)
+            self.admin_address = _bound_address(self._admin_runner)
+
+    async def _listen(
+        self,
+        handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
+        host: str,
+        port: int,
+    ) -> web.ServerRunner:
+        server = web.Server(handler, handler_cancellation=True, access_log=None)
+        # stop() waits for in-flight requests itself, so the runner's own wait
+        # only has to cancel what is left. aiohttp reads 0 as no time limit.
+        runner = web.ServerRunner(
+            server, shutdown_timeout=_CANCEL_GRACE_S, handle_signals=False
+        )
+        await runner.setup()
+        self._runners.append(runner)
+        await web.TCPSite(runner, host, port).start()
+        return runner
+
+    def _background_task(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        self._background.append(asyncio.create_task(work, name=name))
 
     def log_started(self) -> None:
-        """Log the one start-up line: addresses, store and services."""
-        services = ", ".join(service.describe() for service in self.services.values())
-        admin = self.admin_address or "disabled"
-        logger.info(
-            "stateful-route listening on %s (admin %s), store %s, services: %s",
-            self.proxy_address,
-            admin,
-            describe_store(self.store),
-            services,
-        )
+        """Log the one start-up line: addresses, store, services and pod role."""
+        parts = []
+        if self.proxy_address:
+            services = ", ".join(s.describe() for s in self.services.values())
+            parts.append(f"listening on {self.proxy_address}, services: {services}")
+        if self.pod_agent is not None:
+            pod = self.pod_agent.settings
+            parts.append(
+                f"pod {pod.index} of {pod.service} in {pod.namespace}: inbound "
+                f"{self.inbound_address} to app {pod.app_address}, publishing "
+                f"every {pod.publish_period_s:g}s"
+            )
+        parts.append(f"admin {self.admin_address or 'disabled'}")
+        parts.append(f"store {describe_store(self.store)}")
+        logger.info("stateful-route %s", "; ".join(parts))
+
+    async def drain_pod(self) -> None:
+        """Run the pod's drain before stopping, when the sidecar has a pod role."""
+        if self.pod_agent is not None:
+            await self.pod_agent.drain_and_shut_down()
 
     async def stop(self) -> None:
         """Stop accepting, drain in-flight requests, then close everything."""
         timeout = self.config.proxy.shutdown_timeout_s
-        runner = self._runner
-        if runner is not None:
+        for runner in self._runners:
             for site in list(runner.sites):
                 await site.stop()
             if runner.server is not None:
                 runner.server.pre_shutdown()
+        if self.in_flight:
+            logger.info(
+                "stopping: waiting up to %gs for %d in-flight requests",
+                timeout,
+                self.in_flight,
+            )
+            deadline = time.monotonic() + timeout
+            for counter in self._in_flight_counters():
+                await counter.wait_idle(max(0.0, deadline - time.monotonic()))
             if self.in_flight:
-                logger.info(
-                    "stopping: waiting up to %gs for %d in-flight requests",
-                    timeout,
-                    self.in_flight,
-                )
-            assert self._forwarder is not None
-            if not await self._forwarder.wait_idle(timeout):
                 logger.warning(
                     "stopping: cancelling %d requests still in flight after %gs",
                     self.in_flight,
                     timeout,
                 )
+        for runner in self._runners:
             await runner.cleanup()
+
         self._stopping.set()
         for task in self._background:
             await task
@@ -176,7 +229,7 @@ class ProxyServer:
         logger.info("stateful-route stopped")
 
 
-def _bound_address(site: web.TCPSite, runner: web.BaseRunner) -> str:
+def _bound_address(runner: web.BaseRunner) -> str:
     """Return host:port of a started site, with the real port when it was 0."""
     addresses: Sequence[object] = runner.addresses
     for address in addresses:
@@ -185,7 +238,7 @@ def _bound_address(site: web.TCPSite, runner: web.BaseRunner) -> str:
             if ":" in str(host):
                 return f"[{host}]:{port}"
             return f"{host}:{port}"
-    return site.name
+    return ""
 
 
 async def serve(config: Config, stop_signals: Sequence[int] = ()) -> None:
@@ -209,6 +262,7 @@ async def serve(config: Config, stop_signals: Sequence[int] = ()) -> None:
     server.log_started()
     try:
         await stopping.wait()
+        await server.drain_pod()
     finally:
         for number in stop_signals:
             loop.remove_signal_handler(number)

@@ -67,6 +67,9 @@ class AdminSettings:
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = _setting(9901, low=0, high=65535)
+    # Bearer token that every endpoint but /healthz and /readyz requires;
+    # "" leaves the API open. Kept out of repr() so it never reaches a log.
+    token: str = field(default="", repr=False)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -27,6 +27,11 @@ from proxy.statetable import PodStates
 logger = logging.getLogger("stateful_route.forward")
 
 
+# Headers by which the proxy tells a pod that a user was moved to it. Only
+# the proxy sets them; a client's own values are dropped.
+_ROUTE_HEADERS = ("X-Route-Previous-Pod", "X-Route-Reason")
+
+
 class Forwarder:
     """The request handler of the proxy port.
 
@@ -83,7 +88,7 @@ class Forwarder:
             logger.info(
                 "rejected %s %s with %d: %s %s",
                 request.method,
-                request.path,
+                request.raw_path[:200],
                 exc.status,
                 exc.message,
                 format_ids(ids),
@@ -125,7 +130,9 @@ class Forwarder:
                 "X-Route-Reason": route.reason,
             }
         timeout = self._timeouts[service.name]
-        return await self._relay.relay(request, route.pod, timeout, ids, extra_headers)
+        return await self._relay.relay(
+            request, route.pod, timeout, ids, extra_headers, _ROUTE_HEADERS
+        )
 
     def _retry_after_s(self, service: str) -> int:
         """Return seconds until the pod states are read again, at least 1."""

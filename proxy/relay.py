@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Iterable, Mapping
 from typing import Any
 
 import aiohttp
@@ -87,8 +87,13 @@ class Relay:
         client_timeout: aiohttp.ClientTimeout,
         ids: dict[str, Any],
         extra_headers: Mapping[str, str] | None = None,
+        removed_headers: Iterable[str] = (),
     ) -> web.StreamResponse:
-        """Forward `request` to `pod` and stream the response to the client."""
+        """Forward `request` to `pod` and stream the response to the client.
+
+        `removed_headers` are dropped from the client's headers before
+        `extra_headers` are set, so a client cannot supply them itself.
+        """
         address = pod.address
         path, _, query = request.raw_path.partition("?")
         url = URL.build(
@@ -100,6 +105,8 @@ class Relay:
             encoded=True,
         )
         headers = upstream_headers(request)
+        for name in removed_headers:
+            headers.popall(name, None)
         if extra_headers:
             headers.update(extra_headers)
         body = request.content if request.body_exists else None
@@ -133,7 +140,10 @@ class Relay:
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             if response is not None and response.prepared:
                 return _abort_relay(request, response, exc, ids)
-            return _upstream_error(exc, pod, ids)
+            error = _upstream_error(exc, pod, ids)
+            if self._routed_pod_header:
+                error.headers[self._routed_pod_header] = str(pod.index)
+            return error
 
     def _downstream_response(
         self, upstream: aiohttp.ClientResponse, pod: Pod

@@ -644,3 +644,57 @@ async def test_workload_round_trip(store: LinkStore) -> None:
     await store.publish_workload(NS, SERVICE, '{"pods":3}')
 
     assert await store.read_workload(NS, SERVICE) == '{"pods":3}'
+
+
+NOW_MS = 1_764_800_000_000
+
+
+async def test_index_lists_live_uids_of_pod(store: LinkStore) -> None:
+    await store.index_link(NS, SERVICE, 1, "a", NOW_MS + 5_000)
+    await store.index_link(NS, SERVICE, 1, "b", None)
+    await store.index_link(NS, SERVICE, 2, "c", NOW_MS + 5_000)
+
+    uids = await store.indexed_uids(NS, SERVICE, 1, NOW_MS, 10)
+
+    assert uids == ["a", "b"]
+
+
+async def test_index_drops_expired_entries(store: LinkStore) -> None:
+    await store.index_link(NS, SERVICE, 0, "old", NOW_MS - 1)
+    await store.index_link(NS, SERVICE, 0, "new", NOW_MS + 1_000)
+
+    assert await store.indexed_uids(NS, SERVICE, 0, NOW_MS, 10) == ["new"]
+    assert await store.count_indexed(NS, SERVICE, 0, NOW_MS) == (1, 0)
+
+
+async def test_index_moves_uid_off_previous_pod(store: LinkStore) -> None:
+    await store.index_link(NS, SERVICE, 0, "a", NOW_MS + 1_000)
+
+    await store.index_link(NS, SERVICE, 2, "a", NOW_MS + 1_000, previous_pod=0)
+
+    assert await store.indexed_uids(NS, SERVICE, 0, NOW_MS, 10) == []
+    assert await store.indexed_uids(NS, SERVICE, 2, NOW_MS, 10) == ["a"]
+
+
+async def test_index_counts_temporary_and_persistent(store: LinkStore) -> None:
+    for uid in ("a", "b", "c"):
+        await store.index_link(NS, SERVICE, 1, uid, NOW_MS + 1_000)
+    await store.index_link(NS, SERVICE, 1, "p", None)
+
+    assert await store.count_indexed(NS, SERVICE, 1, NOW_MS) == (3, 1)
+
+
+async def test_unindex_removes_one_uid(store: LinkStore) -> None:
+    await store.index_link(NS, SERVICE, 1, "a", NOW_MS + 1_000)
+    await store.index_link(NS, SERVICE, 1, "b", NOW_MS + 1_000)
+
+    await store.unindex_link(NS, SERVICE, 1, "a")
+
+    assert await store.indexed_uids(NS, SERVICE, 1, NOW_MS, 10) == ["b"]
+
+
+async def test_indexed_uids_respects_limit(store: LinkStore) -> None:
+    for number in range(5):
+        await store.index_link(NS, SERVICE, 3, f"u{number}", NOW_MS + 1_000 + number)
+
+    assert await store.indexed_uids(NS, SERVICE, 3, NOW_MS, 2) == ["u0", "u1"]

@@ -151,6 +151,45 @@ class LinkStore(Protocol):
         """Return the service-wide workload state, or None when absent."""
         ...
 
+    async def index_link(
+        self,
+        namespace: str,
+        service: str,
+        pod: int,
+        uid: str,
+        expires_ms: int | None,
+        previous_pod: int | None = None,
+    ) -> None:
+        """Record `uid` in the index of `pod`, and drop it from `previous_pod`'s.
+
+        `expires_ms` is the Unix time in ms when the link expires, None for a
+        persistent link. The index is a hint: it may name UIDs whose link
+        moved or expired, so every user of it re-checks the link.
+        """
+        ...
+
+    async def unindex_link(
+        self, namespace: str, service: str, pod: int, uid: str
+    ) -> None:
+        """Drop `uid` from the index of `pod`."""
+        ...
+
+    async def indexed_uids(
+        self, namespace: str, service: str, pod: int, now_ms: int, limit: int
+    ) -> list[str]:
+        """Return up to `limit` UIDs indexed on `pod` whose link has not expired.
+
+        Entries that expired before `now_ms` are deleted first. Persistent
+        links come last.
+        """
+        ...
+
+    async def count_indexed(
+        self, namespace: str, service: str, pod: int, now_ms: int
+    ) -> tuple[int, int]:
+        """Return (temporary, persistent) counts of live entries of `pod`."""
+        ...
+
     async def ping(self) -> None:
         """Raise `StoreUnavailableError` unless the store answers."""
         ...

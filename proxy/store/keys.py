@@ -8,6 +8,10 @@ Cluster slot:
   has a TTL, a persistent one has none.
 - ``sf:{<ns>:state:<svc>}`` hash: pod index -> pod state record.
 - ``sf:{<ns>:workload:<svc>}`` string: service-wide workload state.
+- ``sf:{<ns>:podlinks:<svc>:<pod>}`` sorted set: UIDs linked to one pod,
+  scored by the link's expiry in Unix milliseconds (``+inf`` when
+  persistent). This index is this project's addition, not part of the Java
+  layout; it is a hint kept beside the links (see `pod_links_key`).
 
 Callers validate the names first (see `proxy.names`); these functions only
 format.
@@ -34,3 +38,13 @@ def state_key(namespace: str, service: str) -> str:
 def workload_key(namespace: str, service: str) -> str:
     """Return the key of the workload state of one service."""
     return f"sf:{{{namespace}:workload:{service}}}"
+
+
+def pod_links_key(namespace: str, service: str, pod: int) -> str:
+    """Return the key of the index of UIDs linked to one pod.
+
+    The index has its own hash tag, so in Redis Cluster it lives apart from
+    the links it points to and cannot be written in the same script. It is
+    updated after each link change and every reader re-checks the link.
+    """
+    return f"sf:{{{namespace}:podlinks:{service}:{pod}}}"

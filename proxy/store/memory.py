@@ -8,6 +8,7 @@ without an await, so on one event loop each is atomic like a Lua script.
 from __future__ import annotations
 
 import heapq
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ class MemoryStore:
         self._expiries: list[tuple[float, _Key]] = []
         self._pod_states: dict[tuple[str, str], dict[str, str]] = {}
         self._workloads: dict[tuple[str, str], str] = {}
+        # (namespace, service, pod) -> uid -> expiry in Unix ms, inf if persistent
+        self._pod_index: dict[tuple[str, str, int], dict[str, float]] = {}
 
     def _live(self, key: _Key) -> _Link | None:
         link = self._links.get(key)
@@ -231,6 +234,51 @@ class MemoryStore:
     async def read_workload(self, namespace: str, service: str) -> str | None:
         return self._workloads.get((namespace, service))
 
+    async def index_link(
+        self,
+        namespace: str,
+        service: str,
+        pod: int,
+        uid: str,
+        expires_ms: int | None,
+        previous_pod: int | None = None,
+    ) -> None:
+        if previous_pod is not None and previous_pod != pod:
+            await self.unindex_link(namespace, service, previous_pod, uid)
+        score = math.inf if expires_ms is None else float(expires_ms)
+        self._pod_index.setdefault((namespace, service, pod), {})[uid] = score
+
+    async def unindex_link(
+        self, namespace: str, service: str, pod: int, uid: str
+    ) -> None:
+        entries = self._pod_index.get((namespace, service, pod))
+        if entries is not None:
+            entries.pop(uid, None)
+            if not entries:
+                del self._pod_index[(namespace, service, pod)]
+
+    async def indexed_uids(
+        self, namespace: str, service: str, pod: int, now_ms: int, limit: int
+    ) -> list[str]:
+        entries = self._prune_index(namespace, service, pod, now_ms)
+        ordered = sorted(entries.items(), key=lambda item: (item[1], item[0]))
+        return [uid for uid, _ in ordered[:limit]]
+
+    async def count_indexed(
+        self, namespace: str, service: str, pod: int, now_ms: int
+    ) -> tuple[int, int]:
+        entries = self._prune_index(namespace, service, pod, now_ms)
+        persistent = sum(1 for score in entries.values() if score == math.inf)
+        return len(entries) - persistent, persistent
+
+    def _prune_index(
+        self, namespace: str, service: str, pod: int, now_ms: int
+    ) -> dict[str, float]:
+        entries = self._pod_index.get((namespace, service, pod), {})
+        for uid in [uid for uid, score in entries.items() if score <= now_ms]:
+            del entries[uid]
+        return entries
+
     async def ping(self) -> None:
         return None
 
@@ -240,6 +288,7 @@ class MemoryStore:
         self._expiries.clear()
         self._pod_states.clear()
         self._workloads.clear()
+        self._pod_index.clear()
 
     def __len__(self) -> int:
         """Return the number of links, expired ones not yet purged included."""

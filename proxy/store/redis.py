@@ -25,7 +25,13 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from proxy.errors import StoreDataError, StoreError, StoreUnavailableError
 from proxy.store.base import PERSISTENT, check_pod, check_ttl
-from proxy.store.keys import link_key, state_key, uid_hash_key, workload_key
+from proxy.store.keys import (
+    link_key,
+    pod_links_key,
+    state_key,
+    uid_hash_key,
+    workload_key,
+)
 
 logger = logging.getLogger("stateful_route.store")
 
@@ -544,6 +550,50 @@ class RedisStore:
     async def read_workload(self, namespace: str, service: str) -> str | None:
         value = await self._call(self._client.get(workload_key(namespace, service)))
         return None if value is None else str(value)
+
+    async def index_link(
+        self,
+        namespace: str,
+        service: str,
+        pod: int,
+        uid: str,
+        expires_ms: int | None,
+        previous_pod: int | None = None,
+    ) -> None:
+        score: float = math.inf if expires_ms is None else expires_ms
+        # A non-transactional pipeline: one round trip on a single node, and
+        # on Cluster each command goes to the node of its own key.
+        async with self._client.pipeline(transaction=False) as pipeline:
+            if previous_pod is not None and previous_pod != pod:
+                pipeline.zrem(pod_links_key(namespace, service, previous_pod), uid)
+            pipeline.zadd(pod_links_key(namespace, service, pod), {uid: score})
+            await self._call(pipeline.execute())
+
+    async def unindex_link(
+        self, namespace: str, service: str, pod: int, uid: str
+    ) -> None:
+        await self._call(self._client.zrem(pod_links_key(namespace, service, pod), uid))
+
+    async def indexed_uids(
+        self, namespace: str, service: str, pod: int, now_ms: int, limit: int
+    ) -> list[str]:
+        key = pod_links_key(namespace, service, pod)
+        async with self._client.pipeline(transaction=False) as pipeline:
+            pipeline.zremrangebyscore(key, "-inf", now_ms)
+            pipeline.zrange(key, 0, limit - 1)
+            _, uids = await self._call(pipeline.execute())
+        return [str(uid) for uid in uids]
+
+    async def count_indexed(
+        self, namespace: str, service: str, pod: int, now_ms: int
+    ) -> tuple[int, int]:
+        key = pod_links_key(namespace, service, pod)
+        async with self._client.pipeline(transaction=False) as pipeline:
+            pipeline.zremrangebyscore(key, "-inf", now_ms)
+            pipeline.zcount(key, f"({now_ms}", "(+inf")
+            pipeline.zcount(key, "+inf", "+inf")
+            _, temporary, persistent = await self._call(pipeline.execute())
+        return int(temporary), int(persistent)
 
     async def ping(self) -> None:
         await self._call(self._client.ping())

@@ -185,7 +185,7 @@ def parse_duration(text: str, name: str) -> float:
             400,
             "invalid_parameter",
             f"{name} {shown(text)} is invalid: expected a number of seconds "
-            f"from 0 to {MAX_DURATION_S:g}",
+            f"from 0 to {MAX_DURATION_S:.0f}",
             parameter=name,
         )
     return seconds
@@ -198,8 +198,8 @@ def check_link_ttl(ttl_s: float) -> float:
     raise RequestError(
         400,
         "invalid_field",
-        f"ttl_s {ttl_s!r} is invalid: expected -1 for a persistent link, or "
-        f"seconds above 0 and at most {MAX_DURATION_S:g}",
+        f"ttl_s {ttl_s:g} is invalid: expected -1 for a persistent link, or "
+        f"seconds above 0 and at most {MAX_DURATION_S:.0f}",
         field="ttl_s",
     )
 

@@ -8,6 +8,7 @@ drain on its next publication and keeps it until an undrain writes READY.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -23,16 +24,16 @@ from proxy.admin_input import (
 )
 from proxy.errors import RequestError
 from proxy.podset import PodStatus, parse_records
-from proxy.podside import DRAINED_BY_ADMIN, PodAgent
-from proxy.podstate import PodState, Routing, now_ms
-from proxy.server import ProxyServer
-from proxy.services import Service
+from proxy.podside import PodAgent
+from proxy.podstate import DRAINED_BY_ADMIN, PodState, Routing, now_ms
+
+if TYPE_CHECKING:
+    from proxy.server import ProxyServer
+    from proxy.services import Service
 
 logger = logging.getLogger("stateful_route.admin")
 
-# The routing states an application may report for its own pod; SHUTDOWN is
-# published by the sidecar when it stops.
-_REPORTED_ROUTING = (Routing.READY.value, Routing.DENY_NEW_CALL.value)
+_ROUTING_NAMES = tuple(routing.value for routing in Routing)
 
 
 def record_json(state: PodState | None) -> dict[str, object] | None:
@@ -127,19 +128,30 @@ async def _write_routing(
     )
 
     current = await _current_record(server, namespace, service, index)
-    # NOTE: a pod whose sidecar does not publish keeps this record only for
-    # state_stale_after_s. After that the record is stale and the pod counts
-    # as unavailable, where before it had no record and counted as READY.
-    record = PodState(
+    record: PodState | None = PodState(
         load=0 if current is None else current.load,
         routing=routing,
         updated_ms=now_ms(),
         address=None if current is None else current.address,
         drained_by=drained_by,
     )
-    await server.store.publish_pod_state(
-        namespace, service.name, index, record.encode()
-    )
+    settings = service.settings
+    if (
+        routing is Routing.READY
+        and not settings.require_pod_state
+        and not settings.uses_registry
+        and current is not None
+        and current.drained_by == DRAINED_BY_ADMIN
+    ):
+        # Delete the drain record instead, so a pod without a publisher
+        # counts as READY again; a pod with a sidecar republishes READY.
+        record = None
+        await server.store.remove_pod_state(namespace, service.name, index)
+    else:
+        assert record is not None
+        await server.store.publish_pod_state(
+            namespace, service.name, index, record.encode()
+        )
     await server.states.refresh(namespace, service.name)
     logger.info(
         "admin set pod=%d service=%s namespace=%s to %s",
@@ -153,6 +165,7 @@ async def _write_routing(
             "namespace": namespace,
             "service": service.name,
             "index": index,
+            "routing": routing.value,
             "record": record_json(record),
         }
     )
@@ -219,12 +232,22 @@ async def put_pod_state(request: web.Request) -> web.Response:
     agent = _pod_agent(server_of(request))
     body = await JsonBody.read(request, ("load", "routing"))
     load = body.integer("load")
-    routing_name = body.choice("routing", _REPORTED_ROUTING)
+    routing_name = body.choice("routing", _ROUTING_NAMES)
     if load is None and routing_name is None:
         raise RequestError(
-            400, "invalid_json", "request body sets nothing: give load, routing or both"
+            400,
+            "invalid_field",
+            "request body sets nothing: give load, routing or both",
         )
     routing = None if routing_name is None else Routing(routing_name)
+    if routing is Routing.SHUTDOWN:
+        raise RequestError(
+            400,
+            "invalid_field",
+            "routing 'SHUTDOWN' cannot be reported: the sidecar publishes it "
+            "when it stops; report READY or DENY_NEW_CALL",
+            field="routing",
+        )
 
     try:
         agent.report(load, routing)

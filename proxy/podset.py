@@ -7,7 +7,9 @@ but not routable, which is how a pod drains.
 
 A configured pod without any record counts as READY with load 0, unless the
 service sets ``require_pod_state``, so a service without publishers works.
-A record that cannot be parsed counts as no record.
+A record that cannot be parsed counts as no record. Without
+``require_pod_state``, a drain written through the admin API does not go
+stale, so draining a pod that has no publisher holds until undrain.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 
 from proxy.config import ServiceSettings
 from proxy.pods import Pod, parse_address
-from proxy.podstate import PodState, Routing
+from proxy.podstate import DRAINED_BY_ADMIN, PodState, Routing
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +126,11 @@ def _status(
             return PodStatus(pod, None, False, False, False, "no record")
         return PodStatus(pod, None, False, True, True, "ready")
     fresh = state.is_fresh(at_ms, settings.state_stale_after_s)
+    if not fresh and state.drained_by == DRAINED_BY_ADMIN:
+        # Without require_pod_state, records are not how a pod proves it is
+        # alive, so an operator's drain holds until undrain even when no
+        # sidecar republishes it.
+        fresh = not settings.require_pod_state
     if not fresh:
         return PodStatus(pod, state, False, False, False, "stale")
     if state.routing is Routing.SHUTDOWN:

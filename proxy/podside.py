@@ -34,7 +34,7 @@ from proxy.errors import StoreError
 from proxy.inflight import InFlight
 from proxy.pods import Pod, parse_address
 from proxy.podset import parse_records
-from proxy.podstate import PodState, Routing, Workload, now_ms
+from proxy.podstate import DRAINED_BY_ADMIN, PodState, Routing, Workload, now_ms
 from proxy.relay import Relay
 from proxy.store.base import LinkStore
 
@@ -42,7 +42,8 @@ logger = logging.getLogger("stateful_route.pod")
 
 # Weight of the newest response time in the moving average of latency.
 _LATENCY_ALPHA = 0.1
-DRAINED_BY_ADMIN = "admin"
+# Compare-and-set rounds of one publication before it writes unconditionally.
+_PUBLISH_ATTEMPTS = 3
 
 
 class PodAgent:
@@ -64,13 +65,15 @@ class PodAgent:
         self._clock = clock
         self.app = Pod(settings.index, parse_address(settings.app_address))
         self.reported_load: int | None = None
-        self.routing = Routing.READY
-        self.drained_by: str | None = None
+        # The routing state the application reported, an operator's drain on
+        # top of it, and the final states of a stop, which win over both.
+        self.app_routing = Routing.READY
+        self.drained_by_admin = False
+        self._stop_routing: Routing | None = None
         self.in_flight = InFlight()
         self.latency_ms = 0.0
         self.requests = 0
         self.last_published: PodState | None = None
-        self._stopping = False
         self._relay: Relay | None = None
         self._timeout = aiohttp.ClientTimeout(
             total=None,
@@ -96,10 +99,24 @@ class PodAgent:
         if routing is not None:
             if routing is Routing.SHUTDOWN:
                 raise ValueError("SHUTDOWN is published by the sidecar when it stops")
-            if self._stopping:
+            if self._stop_routing is not None:
                 raise ValueError("the pod is stopping; its routing state is final")
-            self.routing = routing
-            self.drained_by = None
+            self.app_routing = routing
+
+    @property
+    def routing(self) -> Routing:
+        """Return the routing state to publish."""
+        if self._stop_routing is not None:
+            return self._stop_routing
+        if self.drained_by_admin:
+            return Routing.DENY_NEW_CALL
+        return self.app_routing
+
+    @property
+    def drained_by(self) -> str | None:
+        if self.drained_by_admin and self._stop_routing is None:
+            return DRAINED_BY_ADMIN
+        return None
 
     def record(self) -> PodState:
         """Return the record that the next publication writes."""
@@ -111,11 +128,24 @@ class PodAgent:
     async def publish(self) -> PodState:
         """Write the record now; pod 0 also writes the workload state."""
         settings = self.settings
-        await self._follow_admin_drain()
-        state = self.record()
-        await self._store.publish_pod_state(
-            settings.namespace, settings.service, settings.index, state.encode()
-        )
+        for _ in range(_PUBLISH_ATTEMPTS):
+            stored = await self._read_own_record()
+            self._follow_admin_drain(stored)
+            state = self.record()
+            # A compare-and-set, so an admin drain written after our read is
+            # never overwritten: we read again and adopt it instead.
+            if await self._store.replace_pod_state(
+                settings.namespace,
+                settings.service,
+                settings.index,
+                stored,
+                state.encode(),
+            ):
+                break
+        else:
+            await self._store.publish_pod_state(
+                settings.namespace, settings.service, settings.index, state.encode()
+            )
         if settings.index == 0:
             await self._publish_workload()
         if self.last_published is None or self.last_published.routing != state.routing:
@@ -144,14 +174,13 @@ class PodAgent:
     async def drain_and_shut_down(self) -> None:
         """Publish DENY_NEW_CALL, serve for ``drain_s``, then publish SHUTDOWN."""
         settings = self.settings
-        self._stopping = True
-        self.routing = Routing.DENY_NEW_CALL
+        self._stop_routing = Routing.DENY_NEW_CALL
         await self._publish_logged()
         logger.info(
             "draining pod=%d for %gs before SHUTDOWN", settings.index, settings.drain_s
         )
         await asyncio.sleep(settings.drain_s)
-        self.routing = Routing.SHUTDOWN
+        self._stop_routing = Routing.SHUTDOWN
         await self._publish_logged()
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -183,6 +212,7 @@ class PodAgent:
             "app_address": str(self.app.address),
             "advertise_address": settings.advertise_address or None,
             "routing": self.routing.value,
+            "app_routing": self.app_routing.value,
             "drained_by": self.drained_by,
             "load": self.load,
             "reported_load": self.reported_load,
@@ -206,29 +236,31 @@ class PodAgent:
         except StoreError as exc:
             logger.warning("cannot publish routing=%s: %s", self.routing.value, exc)
 
-    async def _follow_admin_drain(self) -> None:
+    async def _read_own_record(self) -> str | None:
+        settings = self.settings
+        raw = await self._store.read_pod_states(settings.namespace, settings.service)
+        return raw.get(str(settings.index))
+
+    def _follow_admin_drain(self, stored: str | None) -> None:
         """Adopt or drop a drain an operator wrote through a router's admin API.
 
         The record then carries ``drained_by = "admin"``; an undrain through
-        the admin API writes READY without it.
+        the admin API writes READY without it, or deletes the record.
         """
-        if self._stopping:
+        if self._stop_routing is not None:
             return
-        settings = self.settings
-        raw = await self._store.read_pod_states(settings.namespace, settings.service)
-        records, _ = parse_records(raw)
-        stored = records.get(settings.index)
-        drained_by_admin = (
-            stored is not None
-            and stored.drained_by == DRAINED_BY_ADMIN
-            and stored.routing is Routing.DENY_NEW_CALL
-        )
-        if drained_by_admin and self.routing is Routing.READY:
-            self.routing = Routing.DENY_NEW_CALL
-            self.drained_by = DRAINED_BY_ADMIN
-        elif not drained_by_admin and self.drained_by == DRAINED_BY_ADMIN:
-            self.routing = Routing.READY
-            self.drained_by = None
+        drained_by_admin = False
+        if stored is not None:
+            try:
+                state = PodState.decode(stored)
+            except ValueError:
+                state = None
+            drained_by_admin = (
+                state is not None
+                and state.drained_by == DRAINED_BY_ADMIN
+                and state.routing is Routing.DENY_NEW_CALL
+            )
+        self.drained_by_admin = drained_by_admin
 
     async def _publish_workload(self) -> None:
         settings = self.settings

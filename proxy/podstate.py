@@ -27,6 +27,9 @@ import orjson
 
 from proxy.pods import parse_address
 
+DRAINED_BY_ADMIN = "admin"
+"""`drained_by` value of a drain written through the admin API."""
+
 
 class Routing(StrEnum):
     """The routing state a pod publishes."""

@@ -698,3 +698,23 @@ async def test_indexed_uids_respects_limit(store: LinkStore) -> None:
         await store.index_link(NS, SERVICE, 3, f"u{number}", NOW_MS + 1_000 + number)
 
     assert await store.indexed_uids(NS, SERVICE, 3, NOW_MS, 2) == ["u0", "u1"]
+
+
+async def test_replace_pod_state_writes_over_expected(store: LinkStore) -> None:
+    await store.publish_pod_state(NS, SERVICE, 1, "old")
+
+    assert await store.replace_pod_state(NS, SERVICE, 1, "old", "new") is True
+    assert await store.read_pod_states(NS, SERVICE) == {"1": "new"}
+
+
+async def test_replace_pod_state_rejects_changed_record(store: LinkStore) -> None:
+    await store.publish_pod_state(NS, SERVICE, 1, "theirs")
+
+    assert await store.replace_pod_state(NS, SERVICE, 1, "old", "new") is False
+    assert await store.read_pod_states(NS, SERVICE) == {"1": "theirs"}
+
+
+async def test_replace_pod_state_expecting_none(store: LinkStore) -> None:
+    assert await store.replace_pod_state(NS, SERVICE, 0, None, "first") is True
+    assert await store.replace_pod_state(NS, SERVICE, 0, None, "second") is False
+    assert await store.read_pod_states(NS, SERVICE) == {"0": "first"}

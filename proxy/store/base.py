@@ -132,6 +132,21 @@ class LinkStore(Protocol):
         """Store one pod's state record (JSON text) in the service's state hash."""
         ...
 
+    async def replace_pod_state(
+        self,
+        namespace: str,
+        service: str,
+        pod: int,
+        expected: str | None,
+        record: str,
+    ) -> bool:
+        """Store `record` only when the stored one is still `expected`.
+
+        None expects no record. Returns whether it wrote, so a publisher can
+        re-read and decide again when someone else wrote in between.
+        """
+        ...
+
     async def read_pod_states(self, namespace: str, service: str) -> dict[str, str]:
         """Return the state hash of a service as field -> record, unparsed.
 

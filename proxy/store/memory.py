@@ -221,6 +221,21 @@ class MemoryStore:
         check_pod(pod)
         self._pod_states.setdefault((namespace, service), {})[str(pod)] = record
 
+    async def replace_pod_state(
+        self,
+        namespace: str,
+        service: str,
+        pod: int,
+        expected: str | None,
+        record: str,
+    ) -> bool:
+        check_pod(pod)
+        records = self._pod_states.setdefault((namespace, service), {})
+        if records.get(str(pod)) != expected:
+            return False
+        records[str(pod)] = record
+        return True
+
     async def read_pod_states(self, namespace: str, service: str) -> dict[str, str]:
         return dict(self._pod_states.get((namespace, service), {}))
 

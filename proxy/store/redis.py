@@ -202,6 +202,23 @@ return {1, ARGV[2]}
 """
 )
 
+# KEYS[1] state hash key.
+# ARGV[1] pod, ARGV[2] new record, ARGV[3] '1' to expect no record, else '0',
+# ARGV[4] the expected record when ARGV[3] is '0'.
+# Returns 1 when it wrote the record, 0 when the stored one differs.
+REPLACE_POD_STATE_LUA = """
+local current = redis.call('HGET', KEYS[1], ARGV[1])
+if ARGV[3] == '1' then
+  if current then
+    return 0
+  end
+elseif current ~= ARGV[4] then
+  return 0
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"""
+
 # KEYS[1] link key. No ARGV.
 # Returns the pod when the link exists and has no TTL, else nil.
 GET_IF_PERSISTENT_LUA = """
@@ -334,6 +351,7 @@ class RedisStore:
         self._remove_script: _Script = register(REMOVE_LUA)
         self._remove_if_pod_script: _Script = register(REMOVE_IF_POD_LUA)
         self._get_if_persistent_script: _Script = register(GET_IF_PERSISTENT_LUA)
+        self._replace_pod_state_script: _Script = register(REPLACE_POD_STATE_LUA)
 
         # Monotonic time of the first failure of the current outage, or None
         # while Redis is reachable.
@@ -533,6 +551,21 @@ class RedisStore:
         check_pod(pod)
         key = state_key(namespace, service)
         await self._call(self._client.hset(key, str(pod), record))
+
+    async def replace_pod_state(
+        self,
+        namespace: str,
+        service: str,
+        pod: int,
+        expected: str | None,
+        record: str,
+    ) -> bool:
+        check_pod(pod)
+        keys = [state_key(namespace, service)]
+        absent = "1" if expected is None else "0"
+        args = [pod, record, absent, expected or ""]
+        written = await self._call(self._replace_pod_state_script(keys=keys, args=args))
+        return bool(written)
 
     async def read_pod_states(self, namespace: str, service: str) -> dict[str, str]:
         key = state_key(namespace, service)

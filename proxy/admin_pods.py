@@ -26,6 +26,7 @@ from proxy.errors import RequestError
 from proxy.podset import PodStatus, parse_records
 from proxy.podside import PodAgent
 from proxy.podstate import DRAINED_BY_ADMIN, PodState, Routing, now_ms
+from proxy.stats import pod_metrics
 
 if TYPE_CHECKING:
     from proxy.server import ProxyServer
@@ -90,6 +91,14 @@ async def list_pods(request: web.Request) -> web.Response:
     records, problems = parse_records(raw)
 
     pods = [_pod_json(status, pod_set.built_ms) for status in pod_set.statuses.values()]
+    if service.name in server.services:
+        # What this proxy measured of each pod, and the load figure that
+        # combines it with the reported load.
+        metrics = {
+            row["index"]: row for row in pod_metrics(server, namespace, service.name)
+        }
+        for pod in pods:
+            pod["metrics"] = metrics.get(pod["index"])
     if service.settings.uses_registry:
         # Registry discovery leaves stale records and records without an
         # address out of the pod set; list them so an operator sees why.

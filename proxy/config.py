@@ -23,7 +23,14 @@ from proxy.names import dns_label_problem
 from proxy.pods import Address, parse_address
 
 ENV_PREFIX = "STATEFUL_ROUTE_"
-STRATEGIES = ("round_robin", "lowest_load")
+STRATEGIES = (
+    "round_robin",
+    "least_connections",
+    "weighted_round_robin",
+    "least_response_time",
+    "lowest_load",
+    "consistent_hash",
+)
 DISCOVERY_MODES = ("static", "registry")
 STORE_BACKENDS = ("memory", "redis")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -119,6 +126,11 @@ class ServiceSettings:
     state_stale_after_s: float = _setting(60.0, above=0)
     state_refresh_s: float = _setting(2.0, above=0)
     load_range: int = _setting(500, low=0)
+    # One weight per entry of `pods`, in the same order, for weighted_round_robin
+    # only.
+    weights: tuple[int, ...] = ()
+    ewma_decay_s: float = _setting(10.0, above=0)
+    load_factor: float = _setting(1.25, above=1)
 
     @property
     def uses_registry(self) -> bool:
@@ -378,8 +390,12 @@ def _check_value(
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if typing.get_origin(kind) is tuple:
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            problems.append(f"{key} = {value!r}: expected a list of strings")
+        item_kind = typing.get_args(kind)[0]
+        if not isinstance(value, list) or not all(
+            isinstance(v, item_kind) and not isinstance(v, bool) for v in value
+        ):
+            items = "integers" if item_kind is int else "strings"
+            problems.append(f"{key} = {value!r}: expected a list of {items}")
             return None
         return tuple(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
@@ -410,6 +426,7 @@ def _check_service(
     service: ServiceSettings, proxy: ProxySettings, problems: list[str]
 ) -> ServiceSettings:
     key = f"services.{service.name}"
+    _check_weights(service, problems)
     if service.uses_registry:
         if service.pods or service.address_template or service.replicas:
             problems.append(
@@ -459,6 +476,32 @@ def _check_service(
     elif service.replicas:
         problems.append(f"{key}.replicas: only used with address_template")
     return service
+
+
+def _check_weights(service: ServiceSettings, problems: list[str]) -> None:
+    if not service.weights:
+        return
+    key = f"services.{service.name}.weights"
+    if service.strategy != "weighted_round_robin":
+        problems.append(
+            f'{key}: only used with strategy = "weighted_round_robin", '
+            f"not {service.strategy!r}"
+        )
+    if not service.pods:
+        problems.append(
+            f"{key}: only used with pods, one weight per pod; "
+            "a service without pods weighs every pod 1"
+        )
+    elif len(service.weights) != len(service.pods):
+        problems.append(
+            f"{key}: {len(service.weights)} weights for {len(service.pods)} pods, "
+            "expected one weight per pod"
+        )
+    for position, weight in enumerate(service.weights):
+        if weight < 0:
+            problems.append(f"{key}[{position}] = {weight}: must be >= 0")
+    if all(weight == 0 for weight in service.weights):
+        problems.append(f"{key}: every weight is 0, so no pod takes new users")
 
 
 def _template_problem(exc: Exception) -> str:

@@ -4,12 +4,17 @@ Errors map to statuses by where they come from: the client (400, 404), the
 store (503), the pod (502, or 504 on a timeout). Bodies stream both ways and
 are never decompressed. Lower layers raise; this module logs each failure
 once, with the ids involved.
+
+Every relayed request is counted in its service's `PodStats`: in flight
+while it runs, then one sample of its time and status. A request that the
+client abandons ends without a sample.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import time
 from typing import Any
 
 import aiohttp
@@ -130,9 +135,20 @@ class Forwarder:
                 "X-Route-Reason": route.reason,
             }
         timeout = self._timeouts[service.name]
-        return await self._relay.relay(
-            request, route.pod, timeout, ids, extra_headers, _ROUTE_HEADERS
-        )
+        stats = service.stats
+        stat = stats.start(route.pod)
+        started = time.monotonic()
+        try:
+            relayed = await self._relay.relay(
+                request, route.pod, timeout, ids, extra_headers, _ROUTE_HEADERS
+            )
+        except BaseException:
+            stats.cancel(stat)
+            raise
+        # NOTE: a body that breaks off after the status line was sent counts
+        # with the pod's status, because the relay returns that response.
+        stats.finish(stat, time.monotonic() - started, relayed.status)
+        return relayed
 
     def _retry_after_s(self, service: str) -> int:
         """Return seconds until the pod states are read again, at least 1."""

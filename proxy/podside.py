@@ -74,6 +74,9 @@ class PodAgent:
         self.latency_ms = 0.0
         self.requests = 0
         self.last_published: PodState | None = None
+        # One publication at a time, so the periodic one cannot land after
+        # the final SHUTDOWN of a stop.
+        self._publish_lock = asyncio.Lock()
         self._relay: Relay | None = None
         self._timeout = aiohttp.ClientTimeout(
             total=None,
@@ -127,6 +130,10 @@ class PodAgent:
 
     async def publish(self) -> PodState:
         """Write the record now; pod 0 also writes the workload state."""
+        async with self._publish_lock:
+            return await self._publish()
+
+    async def _publish(self) -> PodState:
         settings = self.settings
         for _ in range(_PUBLISH_ATTEMPTS):
             stored = await self._read_own_record()

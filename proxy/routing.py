@@ -15,16 +15,26 @@ The steps, for a (namespace, service, uid) and the service's current
    compare-and-set on the old pod: of concurrent requests, exactly one moves
    the user and the others follow its choice. The user is never moved back
    by itself when the old pod returns.
+
+While the store is unavailable, a UID that is not in the local cache is
+placed by the service's consistent hash over the routable pods, and no link
+is written (`Origin.DEGRADED`). Every proxy with the same pods and equal
+loads picks the same pod, so users keep sticking during an outage of Redis.
+The router remembers these placements for the link TTL: repeated requests
+keep their pod even when the bounded load would choose another, and once the
+store answers again, a UID without a link is linked to the pod it used.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
 from proxy.cache import LinkCache
-from proxy.errors import NoPodError, StoreDataError
+from proxy.errors import NoPodError, StoreDataError, StoreUnavailableError
 from proxy.pods import Pod
 from proxy.podset import PodSet
 from proxy.services import Service
@@ -35,6 +45,11 @@ logger = logging.getLogger("stateful_route.routing")
 # Rounds of steps 2-4 before giving up. A second round is needed only when
 # another router links the user to an unavailable pod between our steps.
 _MAX_ROUNDS = 3
+# Maximum placements remembered from store outages. Beyond it the oldest is
+# dropped.
+_MAX_DEGRADED_PLACEMENTS = 100_000
+
+_Key = tuple[str, str, str]
 
 
 class Origin(Enum):
@@ -45,6 +60,7 @@ class Origin(Enum):
     NEW_LINK = "new_link"
     MOVED = "moved"
     UNLINKED = "unlinked"
+    DEGRADED = "degraded"
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,26 +82,38 @@ class Router:
 
     :param store: the link store.
     :param cache: the per-process link cache.
-    :param link_ttl_s: TTL of the temporary links this router creates.
+    :param link_ttl_s: TTL of the temporary links this router creates, and
+        of the placements it remembers while the store is unavailable.
+    :param clock: returns monotonic seconds.
     """
 
-    def __init__(self, store: LinkStore, cache: LinkCache, link_ttl_s: float) -> None:
+    def __init__(
+        self,
+        store: LinkStore,
+        cache: LinkCache,
+        link_ttl_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.store = store
         self.cache = cache
         self.link_ttl_s = link_ttl_s
+        self._clock = clock
         # NOTE: links_created counts the links this router proposed and found
         # in place; two routers proposing the same pod at once both count it.
         self.links_created = 0
         self.users_moved = 0
+        self.degraded_routes = 0
+        # (namespace, service, uid) -> (pod index, expiry in clock seconds).
+        self._degraded: dict[_Key, tuple[int, float]] = {}
 
     async def route(
         self, namespace: str, service: Service, pod_set: PodSet, uid: str
     ) -> Route:
         """Return the pod linked to `uid`, linking one first when there is none.
 
-        Raises `NoPodError` when a new link is needed and no pod is
-        routable, and `StoreUnavailableError` when the store cannot be
-        reached.
+        While the store is unavailable, return the pod of the consistent
+        hash without a link. Raises `NoPodError` when a new link or
+        placement is needed and no pod is routable.
         """
         key = (namespace, service.name, uid)
         cached = self.cache.get(key)
@@ -95,6 +123,16 @@ class Router:
                 return Route(status.pod, Origin.CACHE)
             self.cache.drop(key)
 
+        try:
+            return await self._route_in_store(key, service, pod_set)
+        except StoreUnavailableError:
+            # The store logs the start and the end of the outage.
+            return self._place_degraded(key, service, pod_set)
+
+    async def _route_in_store(
+        self, key: _Key, service: Service, pod_set: PodSet
+    ) -> Route:
+        namespace, _, uid = key
         previous: int | None = None
         reason = ""
         for _ in range(_MAX_ROUNDS):
@@ -102,10 +140,11 @@ class Router:
                 namespace, uid, service.name, self.link_ttl_s
             )
             if linked is None:
-                choice = self._pick(namespace, service, pod_set, uid)
+                choice = self._choose(key, service, pod_set)
                 winner = await self.store.set_if_absent(
                     namespace, uid, service.name, choice.index, self.link_ttl_s
                 )
+                self._degraded.pop(key, None)
                 status = pod_set.get(winner)
                 if status is None or not status.available:
                     continue  # another router linked an unavailable pod
@@ -117,6 +156,8 @@ class Router:
 
             status = pod_set.get(linked)
             if status is not None and status.available:
+                if self._degraded:
+                    self._degraded.pop(key, None)
                 self.cache.put(key, linked)
                 if previous is None:
                     return Route(status.pod, Origin.LINK)
@@ -125,10 +166,11 @@ class Router:
 
             previous = linked
             reason = "missing" if status is None else status.reason
-            choice = self._pick(namespace, service, pod_set, uid)
+            choice = self._choose(key, service, pod_set)
             replaced, _ = await self.store.replace_if_pod(
                 namespace, uid, service.name, linked, choice.index, self.link_ttl_s
             )
+            self._degraded.pop(key, None)
             if replaced:
                 self.cache.put(key, choice.index)
                 self._log_move(namespace, service, uid, previous, reason, choice.index)
@@ -138,6 +180,52 @@ class Router:
             f"link of uid {uid!r} for service {service.name!r}",
             f"an unavailable pod after {_MAX_ROUNDS} rounds",
         )
+
+    def _choose(self, key: _Key, service: Service, pod_set: PodSet) -> Pod:
+        """Return the pod to link: the one used during an outage, else a pick."""
+        remembered = self._remembered(key, pod_set)
+        if remembered is not None:
+            return remembered
+        return self._pick(key[0], service, pod_set, key[2])
+
+    def _place_degraded(self, key: _Key, service: Service, pod_set: PodSet) -> Route:
+        """Place a UID by the consistent hash while the store is unavailable."""
+        namespace, _, uid = key
+        pod = self._remembered(key, pod_set)
+        if pod is None:
+            if not pod_set.routable:
+                raise NoPodError(namespace, service.name)
+            pod = service.placement.pick(pod_set.routable, uid, pod_set)
+            if len(self._degraded) >= _MAX_DEGRADED_PLACEMENTS:
+                del self._degraded[next(iter(self._degraded))]
+            self._degraded[key] = (pod.index, self._clock() + self.link_ttl_s)
+        self.degraded_routes += 1
+        logger.debug(
+            "placed uid=%s on pod=%d service=%s namespace=%s without a link, "
+            "the store is unavailable",
+            uid,
+            pod.index,
+            service.name,
+            namespace,
+        )
+        return Route(pod, Origin.DEGRADED)
+
+    def _remembered(self, key: _Key, pod_set: PodSet) -> Pod | None:
+        """Return the pod of a placement made during an outage, when still usable.
+
+        Like a linked pod, it is usable while available, draining included.
+        """
+        if not self._degraded:
+            return None
+        entry = self._degraded.get(key)
+        if entry is None:
+            return None
+        index, expires_at = entry
+        status = pod_set.get(index)
+        if expires_at <= self._clock() or status is None or not status.available:
+            del self._degraded[key]
+            return None
+        return status.pod
 
     def _pick(
         self, namespace: str, service: Service, pod_set: PodSet, uid: str | None

@@ -1,4 +1,4 @@
-"""Services at run time: their pods per namespace and their strategy."""
+"""Services at run time: their pods per namespace, strategy and measurements."""
 
 from __future__ import annotations
 
@@ -6,26 +6,42 @@ from collections.abc import Mapping
 
 from proxy.balancing import Strategy, build_strategy
 from proxy.config import ServiceSettings
+from proxy.hashing import ConsistentHash
 from proxy.pods import Address, Pod
+from proxy.stats import PodStats
 
 
 class Service:
-    """One configured service: settings, strategy and pods.
+    """One configured service: settings, strategy, measurements and pods.
 
     The pods of every namespace are computed once from the settings, so a
-    request never formats an address.
+    request never formats an address. `placement` is the consistent hash
+    that routing falls back to while the link store is unavailable.
+
+    :param settings: the service's section of the configuration.
+    :param stats: the measurements table; a new one when not given.
     """
 
-    def __init__(self, settings: ServiceSettings) -> None:
+    def __init__(
+        self, settings: ServiceSettings, stats: PodStats | None = None
+    ) -> None:
         self.settings = settings
         self.name = settings.name
-        self.strategy: Strategy = build_strategy(settings)
+        self.stats = stats if stats is not None else PodStats(settings.ewma_decay_s)
+        self.strategy: Strategy = build_strategy(settings, self.stats)
+        if isinstance(self.strategy, ConsistentHash):
+            self.placement = self.strategy
+        else:
+            self.placement = ConsistentHash(settings, self.stats)
         self._static: tuple[Pod, ...] | None = None
         self._by_namespace: dict[str, tuple[Pod, ...]] = {}
         if settings.pods:
             self._static = _numbered(settings.addresses(""))
-        for namespace in settings.namespaces:
-            self._by_namespace[namespace] = _numbered(settings.addresses(namespace))
+        # Registry pods come from the state records, so there are no
+        # addresses to compute, and `namespaces` only limits what is served.
+        if not settings.uses_registry:
+            for namespace in settings.namespaces:
+                self._by_namespace[namespace] = _numbered(settings.addresses(namespace))
 
     def pods(self, namespace: str) -> tuple[Pod, ...] | None:
         """Return the pods serving `namespace`, or None when it is not served.
@@ -44,6 +60,8 @@ class Service:
     def describe(self) -> str:
         """Return a one-line summary for the start-up log."""
         settings = self.settings
+        if settings.uses_registry:
+            return f"{self.name} (pods from state records, {settings.strategy})"
         if settings.pods:
             return f"{self.name} ({len(settings.pods)} pods, {settings.strategy})"
         namespaces = ",".join(settings.namespaces)

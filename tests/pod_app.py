@@ -1,8 +1,9 @@
 """A pod for the end-to-end tests, run as its own process.
 
-Usage: ``python tests/pod_app.py --index I --port P``. It listens on
-127.0.0.1, prints one line when it accepts connections and stops on SIGTERM
-or SIGINT. Endpoints:
+Usage: ``python tests/pod_app.py --index I --port P [--delay-ms D]``. It
+listens on 127.0.0.1, prints one line when it accepts connections and stops
+on SIGTERM or SIGINT. With ``--delay-ms``, every request waits D
+milliseconds before its handler runs. Endpoints:
 
 - any path not listed below: JSON ``{"pod", "uid", "method", "path",
   "headers"}``, where ``path`` is the raw request target with its query and
@@ -24,6 +25,7 @@ import hashlib
 import json
 import random
 import signal
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -45,8 +47,8 @@ def pattern_bytes(size: int) -> bytes:
     return random.Random(size).randbytes(size)
 
 
-def build_app(index: int) -> web.Application:
-    """Return the application of pod `index`."""
+def build_app(index: int, delay_ms: int = 0) -> web.Application:
+    """Return the application of pod `index`, delaying each request by `delay_ms`."""
 
     async def echo(request: web.Request) -> web.Response:
         return web.json_response(
@@ -98,7 +100,15 @@ def build_app(index: int) -> web.Application:
     async def redirect(request: web.Request) -> web.Response:
         return web.Response(status=302, headers={"Location": REDIRECT_LOCATION})
 
-    app = web.Application()
+    @web.middleware
+    async def delay(
+        request: web.Request,
+        handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    ) -> web.StreamResponse:
+        await asyncio.sleep(delay_ms / 1000)
+        return await handler(request)
+
+    app = web.Application(middlewares=[delay] if delay_ms else [])
     app.router.add_post("/upload", upload)
     app.router.add_get("/download", download)
     app.router.add_get("/cookies", cookies)
@@ -108,10 +118,10 @@ def build_app(index: int) -> web.Application:
     return app
 
 
-async def serve(index: int, port: int) -> None:
+async def serve(index: int, port: int, delay_ms: int = 0) -> None:
     """Serve pod `index` on `port` until SIGTERM or SIGINT."""
     runner = web.AppRunner(
-        build_app(index),
+        build_app(index, delay_ms),
         access_log=None,
         handle_signals=False,
         shutdown_timeout=SHUTDOWN_TIMEOUT_S,
@@ -134,8 +144,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Test pod for stateful-route.")
     parser.add_argument("--index", type=int, required=True, help="pod index")
     parser.add_argument("--port", type=int, required=True, help="port on 127.0.0.1")
+    parser.add_argument(
+        "--delay-ms",
+        type=int,
+        default=0,
+        help="milliseconds every request waits before its handler runs",
+    )
     args = parser.parse_args()
-    asyncio.run(serve(args.index, args.port))
+    asyncio.run(serve(args.index, args.port, args.delay_ms))
 
 
 if __name__ == "__main__":

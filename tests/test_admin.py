@@ -362,6 +362,19 @@ async def test_pods_lists_every_configured_pod(
     assert all(pod["routable"] for pod in pods)
 
 
+async def test_pods_shows_measured_metrics(proxy: Proxy) -> None:
+    pod = await proxy.route("metrics-user")
+
+    reply = await proxy.call("GET", "/v1/services/game/pods")
+
+    metrics = reply.body["pods"][pod]["metrics"]
+    assert metrics["index"] == pod
+    assert metrics["samples"] == 1
+    assert metrics["in_flight"] == 0
+    assert metrics["latency_ms"] > 0
+    assert metrics["calculated_load"] > 0
+
+
 async def test_pods_shows_published_record(proxy: Proxy) -> None:
     await proxy.publish(2, Routing.READY, load=-5, age_s=3)
 

@@ -291,3 +291,74 @@ def test_pod_state_settings_have_defaults() -> None:
     assert service.state_stale_after_s == 60
     assert service.state_refresh_s == 2
     assert service.load_range == 500
+
+
+PODS = ["127.0.0.1:9001", "127.0.0.1:9002", "127.0.0.1:9003"]
+
+
+def weight_problems_of(service: dict[str, object]) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"services": {"game": service}}, environ={})
+    return caught.value.problems
+
+
+def test_weights_accepted_with_weighted_strategy() -> None:
+    config = parse_config(
+        {
+            "services": {
+                "game": {
+                    "pods": PODS,
+                    "strategy": "weighted_round_robin",
+                    "weights": [5, 1, 1],
+                }
+            }
+        },
+        environ={},
+    )
+
+    assert config.services["game"].weights == (5, 1, 1)
+
+
+@pytest.mark.parametrize(
+    ("service", "expected"),
+    [
+        ({"weights": [5, 1]}, "services.game.weights: 2 weights for 3 pods"),
+        ({"weights": [1, -1, 1]}, "services.game.weights[1] = -1: must be >= 0"),
+        ({"weights": [0, 0, 0]}, "services.game.weights: every weight is 0"),
+        ({"weights": [1, "a", 1]}, "expected a list of integers"),
+        ({"weights": [True, 1, 1]}, "expected a list of integers"),
+        (
+            {"weights": [1, 1, 1], "strategy": "round_robin"},
+            'only used with strategy = "weighted_round_robin"',
+        ),
+    ],
+)
+def test_invalid_weights_rejected(service: dict[str, object], expected: str) -> None:
+    table = {"pods": PODS, "strategy": "weighted_round_robin", **service}
+
+    assert any(expected in problem for problem in weight_problems_of(table))
+
+
+def test_weights_need_pods() -> None:
+    table = {
+        "address_template": "game-{index}:80",
+        "replicas": 2,
+        "strategy": "weighted_round_robin",
+        "weights": [1, 1],
+    }
+
+    assert any(
+        "only used with pods" in problem for problem in weight_problems_of(table)
+    )
+
+
+def test_load_factor_must_exceed_one() -> None:
+    problems = weight_problems_of({"pods": PODS, "load_factor": 1.0})
+
+    assert "services.game.load_factor = 1.0: must be > 1" in problems
+
+
+def test_ewma_decay_must_be_positive() -> None:
+    problems = weight_problems_of({"pods": PODS, "ewma_decay_s": 0})
+
+    assert "services.game.ewma_decay_s = 0.0: must be > 0" in problems

@@ -32,6 +32,9 @@ from conftest import LOOPBACK, RedisServer, free_port
 from multidict import CIMultiDict
 from pod_app import COOKIES, REDIRECT_LOCATION, pattern_bytes
 
+from proxy.hashing import rank
+from proxy.pods import Pod, parse_address
+
 REPOSITORY = Path(__file__).resolve().parents[1]
 POD_APP = Path(__file__).with_name("pod_app.py")
 POD_COUNT = 3
@@ -968,7 +971,7 @@ async def test_shutdown_timeout_cancels_slow_request(
     assert isinstance(outcome, aiohttp.ClientError)
 
 
-async def test_redis_outage_gives_503_logged_once(
+async def test_redis_outage_places_by_hash_logged_once(
     launch_proxy: Launch,
     pods: list[PodProcess],
     private_redis_server: RedisServer,
@@ -981,34 +984,52 @@ async def test_redis_outage_gives_503_logged_once(
     url = f"{proxy.url}/"
     cached = await request_json(client, url, routing_headers("regular"))
     assert cached.status == 200
+    pod_list = [Pod(pod.index, parse_address(pod.address)) for pod in pods]
+    newcomers = [f"newcomer-{number}" for number in range(5)]
+    hashed = {uid: rank(uid, pod_list)[0].index for uid in newcomers}
 
     private_redis_server.stop()
     during = [
-        await request_json(client, url, routing_headers(f"newcomer-{number}"))
-        for number in range(5)
+        await request_json(client, url, routing_headers(uid)) for uid in newcomers
+    ]
+    repeated = [
+        await request_json(client, url, routing_headers(newcomers[0])) for _ in range(3)
     ]
     cached_during = await request_json(client, url, routing_headers("regular"))
     warnings = [line for line in proxy.log().splitlines() if " WARNING " in line]
 
-    assert [reply.status for reply in during] == [503] * 5
-    assert [reply.body["error"] for reply in during] == ["store_unavailable"] * 5
+    assert [reply.status for reply in during] == [200] * 5
+    placed = {
+        uid: reply.body["pod"] for uid, reply in zip(newcomers, during, strict=True)
+    }
+    assert placed == hashed
+    assert [reply.body["pod"] for reply in repeated] == [hashed[newcomers[0]]] * 3
     assert cached_during.status == 200
+    assert cached_during.body["pod"] == cached.body["pod"]
     assert len(warnings) == 1, warnings
     assert "unavailable" in warnings[0]
 
     private_redis_server.start()
-    deadline = time.monotonic() + 5
-    recovered = await request_json(client, url, routing_headers("returner-0"))
-    while recovered.status != 200 and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)
-        recovered = await request_json(client, url, routing_headers("returner-0"))
+    link = f"sf:{{default:lk:{newcomers[0]}}}game"
+    linked: str | None = None
+    async with redis.asyncio.from_url(
+        private_redis_server.url, decode_responses=True
+    ) as redis_client:
+        deadline = time.monotonic() + 5
+        while linked is None and time.monotonic() < deadline:
+            recovered = await request_json(client, url, routing_headers(newcomers[0]))
+            linked = await redis_client.get(link)
+            if linked is None:
+                await asyncio.sleep(0.1)
     after = [
         await request_json(client, url, routing_headers(f"returner-{number}"))
-        for number in range(1, 5)
+        for number in range(4)
     ]
     reachable = [line for line in proxy.log().splitlines() if "is reachable" in line]
 
     assert recovered.status == 200
+    assert recovered.body["pod"] == hashed[newcomers[0]]
+    assert linked == str(hashed[newcomers[0]])
     assert [reply.status for reply in after] == [200] * 4
     assert len(reachable) == 1, reachable
     assert " INFO " in reachable[0]

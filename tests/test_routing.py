@@ -6,7 +6,8 @@ import pytest
 
 from proxy.cache import LinkCache
 from proxy.config import ServiceSettings
-from proxy.errors import NoPodError
+from proxy.errors import NoPodError, StoreUnavailableError
+from proxy.hashing import rank
 from proxy.podset import PodSet, build_pod_set
 from proxy.podstate import PodState, Routing
 from proxy.routing import Origin, Router
@@ -291,3 +292,85 @@ async def test_concurrent_first_links_agree_in_redis(redis_store: LinkStore) -> 
 
     assert len({route.pod.index for route in routes}) == 1
     assert await redis_store.get(NS, "dave", "game") == routes[0].pod.index
+
+
+class FlakyStore(MemoryStore):
+    """A memory store whose link operations fail while `down` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = False
+
+    def _check(self) -> None:
+        if self.down:
+            raise StoreUnavailableError("memory", "down for the test")
+
+    async def get_and_refresh(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self._check()
+        return await super().get_and_refresh(*args, **kwargs)
+
+    async def set_if_absent(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self._check()
+        return await super().set_if_absent(*args, **kwargs)
+
+
+async def test_store_outage_places_by_hash() -> None:
+    store = FlakyStore()
+    store.down = True
+    service = make_service()
+    pod_set = make_pods(3)
+
+    route = await make_router(store).route(NS, service, pod_set, "alice")
+
+    assert route.origin is Origin.DEGRADED
+    assert route.pod == rank("alice", pod_set.routable)[0]
+
+
+async def test_store_outage_writes_no_link() -> None:
+    store = FlakyStore()
+    store.down = True
+    router = make_router(store, cache_ttl_s=0)
+    await router.route(NS, make_service(), make_pods(3), "alice")
+    store.down = False
+
+    assert await store.get(NS, "alice", "game") is None
+
+
+async def test_store_outage_without_routable_pod() -> None:
+    store = FlakyStore()
+    store.down = True
+    pod_set = make_pods(
+        2, pod0=record(Routing.DENY_NEW_CALL), pod1=record(Routing.SHUTDOWN)
+    )
+
+    with pytest.raises(NoPodError):
+        await make_router(store).route(NS, make_service(2), pod_set, "alice")
+
+
+async def test_recovered_store_links_degraded_pod() -> None:
+    store = FlakyStore()
+    router = make_router(store, cache_ttl_s=0)
+    service = make_service()
+    pod_set = make_pods(3)
+    store.down = True
+    during = await router.route(NS, service, pod_set, "alice")
+    store.down = False
+
+    after = await router.route(NS, service, pod_set, "alice")
+
+    assert after.origin is Origin.NEW_LINK
+    assert after.pod == during.pod
+    assert await store.get(NS, "alice", "game") == during.pod.index
+
+
+async def test_cached_pod_survives_store_outage() -> None:
+    store = FlakyStore()
+    router = make_router(store)
+    service = make_service()
+    first = await router.route(NS, service, make_pods(3), "alice")
+    store.down = True
+
+    second = await router.route(NS, service, make_pods(3), "alice")
+
+    assert second.origin is Origin.CACHE
+    assert second.pod == first.pod

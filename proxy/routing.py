@@ -4,9 +4,10 @@ The steps, for a (namespace, service, uid) and the service's current
 `PodSet`:
 
 1. The local cache. A cached pod that is no longer available is dropped.
-2. The link in the store, read with `get_and_refresh` so that a user who keeps
-   sending requests keeps a temporary link alive. A linked pod that is
-   available is used, a draining one included: it keeps its users.
+2. The link in the store, read with `read_link`, which restarts the TTL of a
+   temporary link so that a user who keeps sending requests keeps it alive.
+   A linked pod that is available is used, a draining one included: it keeps
+   its users.
 3. No link: the strategy picks one of the routable pods, and `set_if_absent`
    writes it with the temporary TTL. The pod that `set_if_absent` returns
    wins, so concurrent first requests of one UID all end on one pod.
@@ -27,6 +28,7 @@ store answers again, a UID without a link is linked to the pod it used.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -34,9 +36,10 @@ from dataclasses import dataclass
 from enum import Enum
 
 from proxy.cache import LinkCache
-from proxy.errors import NoPodError, StoreDataError, StoreUnavailableError
+from proxy.errors import NoPodError, StoreDataError, StoreError, StoreUnavailableError
 from proxy.pods import Pod
 from proxy.podset import PodSet
+from proxy.podstate import now_ms
 from proxy.services import Service
 from proxy.store.base import LinkStore
 
@@ -103,6 +106,7 @@ class Router:
         self.links_created = 0
         self.users_moved = 0
         self.degraded_routes = 0
+        self._pending: set[asyncio.Task[None]] = set()
         # (namespace, service, uid) -> (pod index, expiry in clock seconds).
         self._degraded: dict[_Key, tuple[int, float]] = {}
 
@@ -136,10 +140,10 @@ class Router:
         previous: int | None = None
         reason = ""
         for _ in range(_MAX_ROUNDS):
-            linked = await self.store.get_and_refresh(
+            read = await self.store.read_link(
                 namespace, uid, service.name, self.link_ttl_s
             )
-            if linked is None:
+            if read is None:
                 choice = self._choose(key, service, pod_set)
                 winner = await self.store.set_if_absent(
                     namespace, uid, service.name, choice.index, self.link_ttl_s
@@ -149,16 +153,20 @@ class Router:
                 if status is None or not status.available:
                     continue  # another router linked an unavailable pod
                 self.cache.put(key, winner)
+                self._index_later(key, winner, persistent=False)
                 if previous is None:
                     self._log_link(namespace, service, uid, winner)
                     return Route(status.pod, Origin.NEW_LINK)
                 return Route(status.pod, Origin.MOVED, previous, reason)
 
+            linked, persistent = read
             status = pod_set.get(linked)
             if status is not None and status.available:
                 if self._degraded:
                     self._degraded.pop(key, None)
                 self.cache.put(key, linked)
+                # The read renewed a temporary link, so renew its index entry.
+                self._index_later(key, linked, persistent=persistent)
                 if previous is None:
                     return Route(status.pod, Origin.LINK)
                 # Another router moved the user first; follow its choice.
@@ -173,6 +181,7 @@ class Router:
             self._degraded.pop(key, None)
             if replaced:
                 self.cache.put(key, choice.index)
+                self._index_later(key, choice.index, persistent=False, previous=linked)
                 self._log_move(namespace, service, uid, previous, reason, choice.index)
                 return Route(choice, Origin.MOVED, previous, reason)
             # The link changed meanwhile: the next round reads it again.
@@ -180,6 +189,41 @@ class Router:
             f"link of uid {uid!r} for service {service.name!r}",
             f"an unavailable pod after {_MAX_ROUNDS} rounds",
         )
+
+    def _index_later(
+        self, key: _Key, pod: int, *, persistent: bool, previous: int | None = None
+    ) -> None:
+        """Update the per-pod index of linked UIDs without delaying the request."""
+        namespace, service, uid = key
+        expires_ms = None if persistent else now_ms() + int(self.link_ttl_s * 1000)
+        task = asyncio.create_task(
+            self._index(namespace, service, pod, uid, expires_ms, previous)
+        )
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _index(
+        self,
+        namespace: str,
+        service: str,
+        pod: int,
+        uid: str,
+        expires_ms: int | None,
+        previous: int | None,
+    ) -> None:
+        try:
+            await self.store.index_link(
+                namespace, service, pod, uid, expires_ms, previous_pod=previous
+            )
+        except StoreError as exc:
+            # The index is a hint that failover and rebalancing re-check, and
+            # the store logs outages itself.
+            logger.debug("index update failed for uid=%s pod=%d: %s", uid, pod, exc)
+
+    async def wait_background(self) -> None:
+        """Wait for pending index updates, before the store is closed."""
+        if self._pending:
+            await asyncio.gather(*self._pending, return_exceptions=True)
 
     def _choose(self, key: _Key, service: Service, pod_set: PodSet) -> Pod:
         """Return the pod to link: the one used during an outage, else a pick."""

@@ -221,6 +221,7 @@ class ProxyServer:
         self._stopping.set()
         for task in self._background:
             await task
+        await self.router.wait_background()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
         if self._session is not None:

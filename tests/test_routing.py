@@ -374,3 +374,41 @@ async def test_cached_pod_survives_store_outage() -> None:
 
     assert second.origin is Origin.CACHE
     assert second.pod == first.pod
+
+
+async def test_new_link_is_indexed_on_its_pod() -> None:
+    store = MemoryStore()
+    router = make_router(store)
+
+    route = await router.route(NS, make_service(), make_pods(3), "alice")
+    await router.wait_background()
+
+    uids = await store.indexed_uids(NS, "game", route.pod.index, NOW_MS, 10)
+    assert uids == ["alice"]
+
+
+async def test_moved_user_changes_index_entry() -> None:
+    store = MemoryStore()
+    await store.set(NS, "alice", "game", 1, LINK_TTL_S)
+    await store.index_link(NS, "game", 1, "alice", None)
+    router = make_router(store)
+
+    moved = await router.route(
+        NS, make_service(), make_pods(3, pod1=record(Routing.SHUTDOWN)), "alice"
+    )
+    await router.wait_background()
+
+    assert await store.indexed_uids(NS, "game", 1, NOW_MS, 10) == []
+    new_pod_uids = await store.indexed_uids(NS, "game", moved.pod.index, NOW_MS, 10)
+    assert new_pod_uids == ["alice"]
+
+
+async def test_read_persistent_link_indexed_as_persistent() -> None:
+    store = MemoryStore()
+    await store.set(NS, "alice", "game", 2, PERSISTENT)
+    router = make_router(store, cache_ttl_s=0)
+
+    await router.route(NS, make_service(), make_pods(3), "alice")
+    await router.wait_background()
+
+    assert await store.count_indexed(NS, "game", 2, NOW_MS) == (0, 1)

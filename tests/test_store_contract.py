@@ -718,3 +718,27 @@ async def test_replace_pod_state_expecting_none(store: LinkStore) -> None:
     assert await store.replace_pod_state(NS, SERVICE, 0, None, "first") is True
     assert await store.replace_pod_state(NS, SERVICE, 0, None, "second") is False
     assert await store.read_pod_states(NS, SERVICE) == {"0": "first"}
+
+
+async def test_read_link_marks_temporary_link(store: LinkStore) -> None:
+    await store.set(NS, UID, SERVICE, 0, SHORT_TTL_S)
+
+    result = await store.read_link(NS, UID, SERVICE, TTL_S)
+
+    assert result == (0, False)
+    ttl = await store.link_ttl(NS, UID, SERVICE)
+    assert ttl is not None
+    assert ttl > SHORT_TTL_S
+
+
+async def test_read_link_marks_persistent_link(store: LinkStore) -> None:
+    await store.set(NS, UID, SERVICE, 2, PERSISTENT)
+
+    result = await store.read_link(NS, UID, SERVICE, TTL_S)
+
+    assert result == (2, True)
+    assert await store.link_ttl(NS, UID, SERVICE) == PERSISTENT
+
+
+async def test_read_link_without_link_returns_none(store: LinkStore) -> None:
+    assert await store.read_link(NS, UID, SERVICE, TTL_S) is None

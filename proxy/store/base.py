@@ -46,6 +46,15 @@ class LinkStore(Protocol):
         """
         ...
 
+    async def read_link(
+        self, namespace: str, uid: str, service: str, ttl_s: float
+    ) -> tuple[int, bool] | None:
+        """Do what `get_and_refresh` does and also tell whether it is persistent.
+
+        Returns (pod, persistent), or None when there is no link.
+        """
+        ...
+
     async def set(
         self, namespace: str, uid: str, service: str, pod: int, ttl_s: float
     ) -> int | None:

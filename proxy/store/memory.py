@@ -108,6 +108,15 @@ class MemoryStore:
             heapq.heappush(self._expiries, (link.expires_at, key))
         return link.pod
 
+    async def read_link(
+        self, namespace: str, uid: str, service: str, ttl_s: float
+    ) -> tuple[int, bool] | None:
+        pod = await self.get_and_refresh(namespace, uid, service, ttl_s)
+        if pod is None:
+            return None
+        link = self._links[(namespace, uid, service)]
+        return pod, link.expires_at is None
+
     async def set(
         self, namespace: str, uid: str, service: str, pod: int, ttl_s: float
     ) -> int | None:

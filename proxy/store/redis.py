@@ -103,6 +103,21 @@ end
 return pod
 """
 
+# KEYS[1] link key. ARGV[1] TTL in ms.
+# Returns {pod, 1} for a persistent link, {pod, 0} for a temporary one after
+# restarting its TTL, or nil.
+READ_LINK_LUA = """
+local pod = redis.call('GET', KEYS[1])
+if not pod then
+  return false
+end
+if redis.call('PTTL', KEYS[1]) >= 0 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[1])
+  return {pod, 0}
+end
+return {pod, 1}
+"""
+
 # KEYS[1] link key, KEYS[2] UID hash key.
 # ARGV[1] pod, ARGV[2] TTL in ms or '-1' for persistent, ARGV[3] service.
 # Returns the previous pod, or nil.
@@ -345,6 +360,7 @@ class RedisStore:
         register = self._client.register_script
         self._get_and_refresh_script: _Script = register(GET_AND_REFRESH_LUA)
         self._set_script: _Script = register(SET_LUA)
+        self._read_link_script: _Script = register(READ_LINK_LUA)
         self._try_set_script: _Script = register(TRY_SET_LUA)
         self._set_if_absent_script: _Script = register(SET_IF_ABSENT_LUA)
         self._replace_if_pod_script: _Script = register(REPLACE_IF_POD_LUA)
@@ -414,6 +430,23 @@ class RedisStore:
             self._get_and_refresh_script(keys=[key], args=[_ttl_arg(ttl_s)])
         )
         return _parse_pod(key, value)
+
+    async def read_link(
+        self, namespace: str, uid: str, service: str, ttl_s: float
+    ) -> tuple[int, bool] | None:
+        check_ttl(ttl_s)
+        if ttl_s == PERSISTENT:
+            pod = await self.get(namespace, uid, service)
+            if pod is None:
+                return None
+            return pod, await self.link_ttl(namespace, uid, service) == PERSISTENT
+        key = link_key(namespace, uid, service)
+        result = await self._call(
+            self._read_link_script(keys=[key], args=[_ttl_arg(ttl_s)])
+        )
+        if result is None:
+            return None
+        return _require_pod(key, result[0]), bool(int(result[1]))
 
     async def set(
         self, namespace: str, uid: str, service: str, pod: int, ttl_s: float

@@ -564,14 +564,18 @@ async def test_temporary_links_follow_key_layout(
         assert reply.status == 200
         linked[uid] = reply.body["pod"]
 
-    expected_keys = {f"sf:{{{namespace}:lk:{uid}}}game" for uid in linked}
-    assert set(await redis_client.keys("*")) == expected_keys
+    link_keys = {f"sf:{{{namespace}:lk:{uid}}}game" for uid in linked}
+    index_keys = {f"sf:{{{namespace}:podlinks:game:{pod}}}" for pod in linked.values()}
+    assert set(await redis_client.keys("*")) <= link_keys | index_keys
+    assert set(await redis_client.keys("sf:{*:lk:*")) == link_keys
     for uid, pod in linked.items():
         key = f"sf:{{{namespace}:lk:{uid}}}game"
         assert await redis_client.get(key) == str(pod)
         ttl_ms = await redis_client.pttl(key)
         assert 0 < ttl_ms <= LINK_TTL_S * 1000
         assert await redis_client.exists(f"sf:{{{namespace}:lk:{uid}}}") == 0
+        index_key = f"sf:{{{namespace}:podlinks:game:{pod}}}"
+        assert await redis_client.zscore(index_key, uid) is not None
 
 
 # Rejected requests.
@@ -674,7 +678,8 @@ async def test_stopped_pod_gives_502_keeping_links(
         reply = await request_json(client, f"{proxy.url}/", routing_headers(uid))
         linked[uid] = reply.body["pod"]
     links_before = {
-        key: await redis_client.get(key) for key in await redis_client.keys()
+        key: await redis_client.get(key)
+        for key in await redis_client.keys("sf:{*:lk:*")
     }
 
     stop_process(own_pods[1].process)
@@ -693,7 +698,8 @@ async def test_stopped_pod_gives_502_keeping_links(
         linked[uid] for uid in other_users
     ]
     links_after = {
-        key: await redis_client.get(key) for key in await redis_client.keys()
+        key: await redis_client.get(key)
+        for key in await redis_client.keys("sf:{*:lk:*")
     }
     assert links_after == links_before
 

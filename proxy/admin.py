@@ -27,6 +27,7 @@ from proxy.admin_pods import (
     put_pod_state,
     undrain_pod,
 )
+from proxy.admin_rebalance import rebalance
 from proxy.errors import (
     RequestError,
     StoreDataError,
@@ -264,6 +265,7 @@ def build_admin_app(server: ProxyServer) -> web.Application:
     router.add_get(pods, list_pods)
     router.add_post(pods + "/{index:[^/]+}/drain", drain_pod)
     router.add_post(pods + "/{index:[^/]+}/undrain", undrain_pod)
+    router.add_post("/v1/services/{service:[^/]+}/rebalance", rebalance)
     router.add_get("/v1/pod/state", get_pod_state)
     router.add_put("/v1/pod/state", put_pod_state)
     links = "/v1/links/{namespace:[^/]+}/{uid:[^/]+}"

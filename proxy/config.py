@@ -131,6 +131,10 @@ class ServiceSettings:
     weights: tuple[int, ...] = ()
     ewma_decay_s: float = _setting(10.0, above=0)
     load_factor: float = _setting(1.25, above=1)
+    rebalance: bool = False
+    rebalance_factor: float = _setting(1.5, above=1)
+    rebalance_rate_per_s: float = _setting(10.0, above=0)
+    rebalance_interval_s: float = _setting(30.0, above=0)
 
     @property
     def uses_registry(self) -> bool:

@@ -24,6 +24,7 @@ from proxy.config import Config, StoreSettings
 from proxy.forward import Forwarder
 from proxy.inflight import InFlight
 from proxy.podside import PodAgent
+from proxy.rebalance import Rebalancer
 from proxy.routing import Router
 from proxy.services import Service, build_services
 from proxy.statetable import PodStates
@@ -33,6 +34,8 @@ from proxy.store.memory import MemoryStore
 logger = logging.getLogger("stateful_route.server")
 
 
+# Time background loops get to end by themselves once the proxy stops.
+_BACKGROUND_STOP_S = 2.0
 # Time the runner gives handlers after stop() stopped waiting for them.
 _CANCEL_GRACE_S = 0.05
 
@@ -76,6 +79,7 @@ class ProxyServer:
         )
         self.router = Router(self.store, self.cache, config.store.temporary_link_ttl_s)
         self.states = PodStates(self.store, self.services)
+        self.rebalancer = Rebalancer(self.store, self.states, self.services, self.cache)
         self._stopping = asyncio.Event()
         self._background: list[asyncio.Task[None]] = []
         self.started_at = time.time()
@@ -126,6 +130,7 @@ class ProxyServer:
                 self.config, self.services, self.router, self.states, self._session
             )
             self._background_task(self.states.run(self._stopping), "pod-states")
+            self._background_task(self.rebalancer.run(self._stopping), "rebalance")
             runner = await self._listen(self._forwarder.handle, proxy.host, proxy.port)
             self.proxy_address = _bound_address(runner)
 
@@ -219,8 +224,7 @@ class ProxyServer:
             await runner.cleanup()
 
         self._stopping.set()
-        for task in self._background:
-            await task
+        await _finish_tasks(self._background, _BACKGROUND_STOP_S)
         await self.router.wait_background()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
@@ -228,6 +232,17 @@ class ProxyServer:
             await self._session.close()
         await self.store.close()
         logger.info("stateful-route stopped")
+
+
+async def _finish_tasks(tasks: list[asyncio.Task[None]], timeout_s: float) -> None:
+    """Wait up to `timeout_s` for tasks that saw the stop event, then cancel them."""
+    if not tasks:
+        return
+    _, pending = await asyncio.wait(tasks, timeout=timeout_s)
+    for task in pending:
+        logger.info("stopping: cancelling background task %s", task.get_name())
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _bound_address(runner: web.BaseRunner) -> str:

@@ -185,5 +185,9 @@ class PodStates:
         oldest = min(self._entries, key=lambda key: self._entries[key].last_used_ms)
         del self._entries[oldest]
 
+    def namespaces_of(self, service: str) -> list[str]:
+        """Return the namespaces in use for `service`."""
+        return [namespace for namespace, name in self._entries if name == service]
+
     def __len__(self) -> int:
         return len(self._entries)

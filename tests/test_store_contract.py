@@ -742,3 +742,25 @@ async def test_read_link_marks_persistent_link(store: LinkStore) -> None:
 
 async def test_read_link_without_link_returns_none(store: LinkStore) -> None:
     assert await store.read_link(NS, UID, SERVICE, TTL_S) is None
+
+
+async def test_remove_if_temporary_removes_temporary_link(store: LinkStore) -> None:
+    await store.set(NS, UID, SERVICE, 1, TTL_S)
+
+    assert await store.remove_if_temporary(NS, UID, SERVICE, 1) is True
+    assert await store.get(NS, UID, SERVICE) is None
+
+
+async def test_remove_if_temporary_keeps_persistent_link(store: LinkStore) -> None:
+    await store.set(NS, UID, SERVICE, 1, PERSISTENT)
+
+    assert await store.remove_if_temporary(NS, UID, SERVICE, 1) is False
+    assert await store.get(NS, UID, SERVICE) == 1
+    assert await store.linked_services(NS, UID) == {SERVICE: 1}
+
+
+async def test_remove_if_temporary_keeps_other_pod(store: LinkStore) -> None:
+    await store.set(NS, UID, SERVICE, 2, TTL_S)
+
+    assert await store.remove_if_temporary(NS, UID, SERVICE, 1) is False
+    assert await store.get(NS, UID, SERVICE) == 2

@@ -112,6 +112,16 @@ class LinkStore(Protocol):
         """
         ...
 
+    async def remove_if_temporary(
+        self, namespace: str, uid: str, service: str, pod: int
+    ) -> bool:
+        """Remove the link only when it names `pod` and has a TTL.
+
+        Rebalancing uses it, so a persistent link is never touched. Returns
+        whether it removed the link.
+        """
+        ...
+
     async def get_if_persistent(
         self, namespace: str, uid: str, service: str
     ) -> int | None:

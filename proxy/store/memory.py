@@ -195,6 +195,16 @@ class MemoryStore:
         self._write(key, new_pod, ttl_s)
         return True, new_pod
 
+    async def remove_if_temporary(
+        self, namespace: str, uid: str, service: str, pod: int
+    ) -> bool:
+        key = (namespace, uid, service)
+        link = self._live(key)
+        if link is None or link.pod != pod or link.expires_at is None:
+            return False
+        del self._links[key]
+        return True
+
     async def get_if_persistent(
         self, namespace: str, uid: str, service: str
     ) -> int | None:

@@ -234,6 +234,24 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 return 1
 """
 
+# KEYS[1] link key. ARGV[1] pod.
+# Returns 1 when the link named the pod, had a TTL, and was deleted; else 0.
+# A temporary link is never in the UID hash, so the hash is left alone.
+REMOVE_IF_TEMPORARY_LUA = (
+    _NAMES_POD_LUA
+    + """
+local current = redis.call('GET', KEYS[1])
+if not current or not names_pod(current, ARGV[1]) then
+  return 0
+end
+if redis.call('PTTL', KEYS[1]) < 0 then
+  return 0
+end
+redis.call('DEL', KEYS[1])
+return 1
+"""
+)
+
 # KEYS[1] link key. No ARGV.
 # Returns the pod when the link exists and has no TTL, else nil.
 GET_IF_PERSISTENT_LUA = """
@@ -360,6 +378,7 @@ class RedisStore:
         register = self._client.register_script
         self._get_and_refresh_script: _Script = register(GET_AND_REFRESH_LUA)
         self._set_script: _Script = register(SET_LUA)
+        self._remove_if_temporary_script: _Script = register(REMOVE_IF_TEMPORARY_LUA)
         self._read_link_script: _Script = register(READ_LINK_LUA)
         self._try_set_script: _Script = register(TRY_SET_LUA)
         self._set_if_absent_script: _Script = register(SET_IF_ABSENT_LUA)
@@ -526,6 +545,15 @@ class RedisStore:
         if len(result) < 2:
             return False, None
         return bool(result[0]), _require_pod(keys[0], result[1])
+
+    async def remove_if_temporary(
+        self, namespace: str, uid: str, service: str, pod: int
+    ) -> bool:
+        key = link_key(namespace, uid, service)
+        removed = await self._call(
+            self._remove_if_temporary_script(keys=[key], args=[pod])
+        )
+        return bool(removed)
 
     async def get_if_persistent(
         self, namespace: str, uid: str, service: str

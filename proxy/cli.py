@@ -14,6 +14,7 @@ import uvloop
 from proxy import __version__
 from proxy.config import Config, load_config
 from proxy.errors import ConfigError, StoreUnavailableError
+from proxy.logs import setup_logging
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -75,14 +76,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-
-
 def _report_config_error(exc: ConfigError) -> int:
     source = exc.source or "config"
     for problem in exc.problems:
@@ -114,7 +107,9 @@ def command_run(path: str, log_level: str | None) -> int:
     except ConfigError as exc:
         setup_logging(log_level or "info")
         return _report_config_error(exc)
-    setup_logging(log_level or config.log.level)
+    setup_logging(
+        log_level or config.log.level, config.log.format, config.log.access_log
+    )
     try:
         _run_loop(serve(config, STOP_SIGNALS))
     except StoreUnavailableError as exc:

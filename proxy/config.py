@@ -99,6 +99,8 @@ class LogSettings:
     """The ``[log]`` section."""
 
     level: str = _setting("info", choices=LOG_LEVELS)
+    format: str = _setting("text", choices=("text", "json"))
+    access_log: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -23,6 +23,7 @@ from proxy.cache import LinkCache
 from proxy.config import Config, StoreSettings
 from proxy.forward import Forwarder
 from proxy.inflight import InFlight
+from proxy.logs import ACCESS_LOGGER, AccessLogger
 from proxy.podside import PodAgent
 from proxy.rebalance import Rebalancer
 from proxy.routing import Router
@@ -155,13 +156,25 @@ class ProxyServer:
             await admin_site.start()
             self.admin_address = _bound_address(self._admin_runner)
 
+    @property
+    def _access_log(self) -> dict[str, Any]:
+        """Return the access log arguments of aiohttp's server."""
+        if not self.config.log.access_log:
+            return {"access_log": None}
+        proxy = self.config.proxy
+        return {
+            "access_log_class": AccessLogger,
+            "access_log": logging.getLogger(ACCESS_LOGGER),
+            "access_log_format": f"{proxy.uid_header}|{proxy.routed_pod_header}",
+        }
+
     async def _listen(
         self,
         handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
         host: str,
         port: int,
     ) -> web.ServerRunner:
-        server = web.Server(handler, handler_cancellation=True, access_log=None)
+        server = web.Server(handler, handler_cancellation=True, **self._access_log)
         # stop() waits for in-flight requests itself, so the runner's own wait
         # only has to cancel what is left. aiohttp reads 0 as no time limit.
         runner = web.ServerRunner(

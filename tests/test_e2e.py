@@ -1002,7 +1002,7 @@ async def test_redis_outage_places_by_hash_logged_once(
         await request_json(client, url, routing_headers(newcomers[0])) for _ in range(3)
     ]
     cached_during = await request_json(client, url, routing_headers("regular"))
-    warnings = [line for line in proxy.log().splitlines() if " WARNING " in line]
+    warnings = [line for line in proxy.log().splitlines() if "level=WARNING" in line]
 
     assert [reply.status for reply in during] == [200] * 5
     placed = {
@@ -1038,7 +1038,7 @@ async def test_redis_outage_places_by_hash_logged_once(
     assert linked == str(hashed[newcomers[0]])
     assert [reply.status for reply in after] == [200] * 4
     assert len(reachable) == 1, reachable
-    assert " INFO " in reachable[0]
+    assert "level=INFO" in reachable[0]
 
 
 async def test_demo_keeps_users_sticky(
@@ -1075,3 +1075,39 @@ async def test_demo_keeps_users_sticky(
     assert without_uid.status == 400
     assert without_uid.body["error"] == "missing_uid"
     assert exit_code == 0
+
+
+# Logs.
+
+
+async def test_access_log_has_one_line_per_request(
+    launch_proxy: Launch, document: Document, client: aiohttp.ClientSession
+) -> None:
+    document["log"] = {"access_log": True, "format": "json"}
+    proxy = await launch_proxy(document)
+
+    reply = await request_json(client, f"{proxy.url}/play?x=1", routing_headers("ann"))
+    missing = await request_json(client, f"{proxy.url}/play", routing_headers(None))
+    await asyncio.sleep(0.2)
+
+    records = [json.loads(line) for line in proxy.log().splitlines() if line]
+    access = [r["msg"] for r in records if r["logger"] == "stateful_route.access"]
+    assert reply.status == 200
+    assert missing.status == 400
+    assert len(access) == 2
+    assert access[0].startswith(
+        f'method=GET path="/play?x=1" status=200 pod={reply.body["pod"]} uid=ann '
+    )
+    assert "status=400 pod=- uid=- " in access[1]
+
+
+async def test_access_log_off_by_default(
+    launch_proxy: Launch, document: Document, client: aiohttp.ClientSession
+) -> None:
+    proxy = await launch_proxy(document)
+
+    reply = await request_json(client, f"{proxy.url}/", routing_headers("ann"))
+    await asyncio.sleep(0.2)
+
+    assert reply.status == 200
+    assert "stateful_route.access" not in proxy.log()

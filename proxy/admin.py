@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from proxy.admin_health import add_health_routes
 from proxy.admin_input import SERVER_KEY, json_response, server_of
 from proxy.admin_links import delete_link, get_link, get_links, put_link
 from proxy.admin_pods import (
@@ -54,8 +55,12 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Return 200 when the store answers, 503 otherwise."""
+    """Return 200 when the store answers and the proxy is not stopping, else 503."""
     server = server_of(request)
+    if server.stopping:
+        return json_response(
+            {"status": "stopping", "store": server.store.backend}, status=503
+        )
     try:
         await server.store.ping()
     except StoreUnavailableError as exc:
@@ -107,6 +112,7 @@ async def status(request: web.Request) -> web.Response:
                 "hits": server.cache.hits,
                 "misses": server.cache.misses,
             },
+            "retries": server.retry_counters,
         }
     )
 
@@ -266,6 +272,7 @@ def build_admin_app(server: ProxyServer) -> web.Application:
     router.add_post(pods + "/{index:[^/]+}/drain", drain_pod)
     router.add_post(pods + "/{index:[^/]+}/undrain", undrain_pod)
     router.add_post("/v1/services/{service:[^/]+}/rebalance", rebalance)
+    add_health_routes(router)
     router.add_get("/v1/pod/state", get_pod_state)
     router.add_put("/v1/pod/state", put_pod_state)
     links = "/v1/links/{namespace:[^/]+}/{uid:[^/]+}"

@@ -31,6 +31,7 @@ from proxy.admin_input import (
     server_of,
 )
 from proxy.errors import RequestError
+from proxy.podstate import now_ms
 from proxy.store.base import PERSISTENT, LinkStore
 
 if TYPE_CHECKING:
@@ -165,6 +166,8 @@ async def put_link(request: web.Request) -> web.Response:
         result.update(accepted=True, pod=current)
     else:
         result["pod"] = await store.set_if_absent(namespace, uid, name, pod, ttl_s)
+    if mode != "set_if_absent" or result["pod"] == pod:
+        await _index(server, namespace, name, uid, result, ttl_s)
     _drop_cached(server, namespace, name, uid)
     logger.debug(
         "admin %s uid=%s service=%s namespace=%s pod=%d ttl_s=%g",
@@ -207,3 +210,27 @@ async def delete_link(request: web.Request) -> web.Response:
 
 def _drop_cached(server: ProxyServer, namespace: str, service: str, uid: str) -> None:
     server.router.cache.drop((namespace, service, uid))
+
+
+async def _index(
+    server: ProxyServer,
+    namespace: str,
+    service: str,
+    uid: str,
+    result: dict[str, object],
+    ttl_s: float,
+) -> None:
+    """Record a link written here in the per-pod index, as the router does."""
+    pod = result.get("pod")
+    previous = result.get("previous")
+    if not isinstance(pod, int):
+        return
+    expires_ms = None if ttl_s == PERSISTENT else now_ms() + int(ttl_s * 1000)
+    await server.store.index_link(
+        namespace,
+        service,
+        pod,
+        uid,
+        expires_ms,
+        previous_pod=previous if isinstance(previous, int) else None,
+    )

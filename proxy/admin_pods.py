@@ -149,13 +149,15 @@ async def _write_routing(
         routing is Routing.READY
         and not settings.require_pod_state
         and not settings.uses_registry
-        and current is not None
-        and current.drained_by == DRAINED_BY_ADMIN
+        and (current is None or current.drained_by == DRAINED_BY_ADMIN)
     ):
-        # Delete the drain record instead, so a pod without a publisher
-        # counts as READY again; a pod with a sidecar republishes READY.
+        # Delete the drain record instead, or write nothing when there is
+        # none, so a pod without a publisher counts as READY; a pod with a
+        # sidecar republishes READY. A READY record nobody republishes would
+        # go stale and make the pod unavailable.
         record = None
-        await server.store.remove_pod_state(namespace, service.name, index)
+        if current is not None:
+            await server.store.remove_pod_state(namespace, service.name, index)
     else:
         assert record is not None
         await server.store.publish_pod_state(

@@ -26,12 +26,15 @@ logger = logging.getLogger("stateful_route.cli")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stateful-route",
+        allow_abbrev=False,
         description="Sidecar proxy that keeps every user on the pod holding its state.",
     )
     parser.add_argument("--version", action="version", version=__version__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    run = commands.add_parser("run", help="run the proxy with a configuration file")
+    run = commands.add_parser(
+        "run", help="run the proxy with a configuration file", allow_abbrev=False
+    )
     run.add_argument(
         "--config",
         default="config.toml",
@@ -43,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="log level, overriding log.level of the configuration",
     )
 
-    check = commands.add_parser("check", help="validate a configuration file and exit")
+    check = commands.add_parser(
+        "check", help="validate a configuration file and exit", allow_abbrev=False
+    )
     check.add_argument(
         "--config",
         default="config.toml",
@@ -51,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     demo = commands.add_parser(
-        "demo", help="run demo pods and a proxy in front of them, no setup needed"
+        "demo",
+        help="run demo pods and a proxy in front of them, no setup needed",
+        allow_abbrev=False,
     )
     demo.add_argument(
         "--host",
@@ -93,9 +100,11 @@ def command_check(path: str) -> int:
         config = load_config(path)
     except ConfigError as exc:
         return _report_config_error(exc)
-    print(
-        f"{path}: valid, {len(config.services)} services: {', '.join(config.services)}"
-    )
+    parts = [f"{len(config.services)} services: {', '.join(config.services) or '-'}"]
+    if config.pod is not None:
+        pod = config.pod
+        parts.append(f"pod {pod.index} of {pod.service} in {pod.namespace}")
+    print(f"{path}: valid, {'; '.join(parts)}")
     return EXIT_OK
 
 

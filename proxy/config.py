@@ -10,7 +10,9 @@ sections ``proxy``, ``admin``, ``store`` and ``log``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import tomllib
 import typing
 from collections.abc import Mapping
@@ -21,8 +23,11 @@ from typing import Any
 from proxy.errors import ConfigError
 from proxy.names import dns_label_problem
 from proxy.pods import Address, parse_address
+from proxy.statuses import StatusRanges
 
 ENV_PREFIX = "STATEFUL_ROUTE_"
+# An HTTP field name: a token of RFC 9110, section 5.6.2.
+_HEADER_NAME_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 STRATEGIES = (
     "round_robin",
     "least_connections",
@@ -122,6 +127,12 @@ class ServiceSettings:
     namespaces: tuple[str, ...] = ()
     connect_timeout_s: float = _setting(2.0, above=0)
     read_timeout_s: float = _setting(30.0, above=0)
+    # Request-level retries, described in docs/retries.md.
+    retry_attempts: int = _setting(1, low=0, high=10)
+    retry_budget_percent: float = _setting(20.0, low=0, high=100)
+    retry_budget_window_s: float = _setting(10.0, above=0)
+    retry_min_per_s: float = _setting(3.0, low=0)
+    retry_buffer_bytes: int = _setting(65536, low=0, high=16 * 1024 * 1024)
     allow_without_uid: bool = False
     discovery: str = _setting("static", choices=DISCOVERY_MODES)
     require_pod_state: bool = False
@@ -137,6 +148,24 @@ class ServiceSettings:
     rebalance_factor: float = _setting(1.5, above=1)
     rebalance_rate_per_s: float = _setting(10.0, above=0)
     rebalance_interval_s: float = _setting(30.0, above=0)
+    # Health checks and failover, described in docs/health.md. An empty
+    # health_check_path turns the active probes off, but passive detection
+    # of failing pods on the proxied traffic runs either way.
+    health_check_path: str = ""
+    health_interval_s: float = _setting(5.0, above=0)
+    health_timeout_s: float = _setting(2.0, above=0)
+    healthy_threshold: int = _setting(2, low=1, high=1000)
+    unhealthy_threshold: int = _setting(3, low=1, high=1000)
+    # Probe statuses that count as a success: "404" or ranges such as "200-399".
+    expected_statuses: tuple[str, ...] = ("200-399",)
+    # Failed requests in a row that eject a pod, or 0 to turn ejection off.
+    consecutive_failures: int = _setting(5, low=0, high=100_000)
+    base_ejection_s: float = _setting(30.0, above=0)
+    max_ejection_s: float = _setting(300.0, above=0)
+    max_ejection_percent: int = _setting(50, low=0, high=100)
+    slow_start_s: float = _setting(30.0, low=0)
+    max_moves_per_s: float = _setting(100.0, above=0)
+    history_size: int = _setting(100, low=0, high=100_000)
 
     @property
     def uses_registry(self) -> bool:
@@ -274,11 +303,13 @@ def parse_config(
             services[name] = _check_service(service, sections["proxy"], problems)
 
     pod = None
+    _check_environment_names(environ, problems)
     pod_variables = [name for name in environ if name.startswith(ENV_PREFIX + "POD_")]
     if "pod" in document or pod_variables:
         pod = _parse_pod(document.get("pod", {}), environ, problems)
 
-    _check_cross_section(sections, services, pod, problems)
+    declared = bool(service_tables) or "pod" in document or bool(pod_variables)
+    _check_cross_section(sections, services, pod, declared, problems)
     if problems:
         raise ConfigError(problems, source)
     return Config(**sections, services=services, pod=pod, source=source)
@@ -311,7 +342,10 @@ def _parse_pod(
     if "drain_s" not in values:
         changes["drain_s"] = 5 * pod.publish_period_s
     elif pod.drain_s < 0:
-        problems.append(f"pod.drain_s = {pod.drain_s:g}: must be >= 0")
+        problems.append(
+            f"pod.drain_s = {pod.drain_s:g}: must be >= 0, or left out for "
+            "5 x publish_period_s"
+        )
     if not pod.advertise_address and environ.get("POD_IP"):
         changes["advertise_address"] = str(Address(environ["POD_IP"], pod.port))
 
@@ -328,6 +362,23 @@ def _parse_pod(
         except ValueError as exc:
             problems.append(f"pod.{name} = {value!r}: {exc}")
     return dataclasses.replace(pod, **changes)
+
+
+def _check_environment_names(environ: Mapping[str, str], problems: list[str]) -> None:
+    """Reject STATEFUL_ROUTE_ variables that name no key, such as a misspelt one."""
+    sections: dict[str, type[Any]] = {**_SECTIONS, "pod": PodSettings}
+    known = {
+        f"{ENV_PREFIX}{section}_{spec.name}".upper()
+        for section, cls in sections.items()
+        for spec in dataclasses.fields(cls)
+    }
+    for name in sorted(environ):
+        if name.startswith(ENV_PREFIX) and name not in known:
+            problems.append(
+                f"environment variable {name}: unknown, expected "
+                f"{ENV_PREFIX}<SECTION>_<KEY> of [proxy], [admin], [store], [log] "
+                "or [pod]"
+            )
 
 
 def _environment_overrides(
@@ -411,6 +462,9 @@ def _check_value(
         )
         return None
 
+    if kind is float and not math.isfinite(value):
+        problems.append(f"{key} = {value!r}: must be a finite number")
+        return None
     meta = spec.metadata
     if meta.get("choices") and value not in meta["choices"]:
         allowed = ", ".join(repr(choice) for choice in meta["choices"])
@@ -433,6 +487,7 @@ def _check_service(
 ) -> ServiceSettings:
     key = f"services.{service.name}"
     _check_weights(service, problems)
+    _check_health(service, problems)
     if service.uses_registry:
         if service.pods or service.address_template or service.replicas:
             problems.append(
@@ -510,6 +565,30 @@ def _check_weights(service: ServiceSettings, problems: list[str]) -> None:
         problems.append(f"{key}: every weight is 0, so no pod takes new users")
 
 
+def _check_health(service: ServiceSettings, problems: list[str]) -> None:
+    key = f"services.{service.name}"
+    path = service.health_check_path
+    if path and (
+        not path.startswith("/")
+        or not path.isascii()
+        or not path.isprintable()
+        or " " in path
+    ):
+        problems.append(
+            f"{key}.health_check_path = {path!r}: expected a path starting with "
+            "'/', in printable ASCII without spaces, or \"\" to turn probes off"
+        )
+    try:
+        StatusRanges(service.expected_statuses)
+    except ValueError as exc:
+        problems.append(f"{key}.expected_statuses: {exc}")
+    if service.max_ejection_s < service.base_ejection_s:
+        problems.append(
+            f"{key}.max_ejection_s = {service.max_ejection_s:g}: must be >= "
+            f"base_ejection_s ({service.base_ejection_s:g})"
+        )
+
+
 def _template_problem(exc: Exception) -> str:
     if isinstance(exc, KeyError):
         allowed = ", ".join("{" + name + "}" for name in TEMPLATE_FIELDS)
@@ -521,10 +600,13 @@ def _check_cross_section(
     sections: dict[str, Any],
     services: dict[str, ServiceSettings],
     pod: PodSettings | None,
+    declared: bool,
     problems: list[str],
 ) -> None:
+    """Check what spans sections; `declared` says a service or pod was written."""
     proxy: ProxySettings = sections["proxy"]
     store: StoreSettings = sections["store"]
+    admin: AdminSettings = sections["admin"]
 
     label_problem = dns_label_problem(proxy.default_namespace)
     if label_problem is not None:
@@ -536,9 +618,34 @@ def _check_cross_section(
             f"proxy.default_service = {proxy.default_service!r}: "
             "no [services] section with that name"
         )
-    for name in ("namespace_header", "uid_header", "service_header"):
-        if not getattr(proxy, name).strip():
-            problems.append(f"proxy.{name}: must not be empty")
+    routing_headers: dict[str, str] = {}
+    for name in (
+        "namespace_header",
+        "uid_header",
+        "service_header",
+        "routed_pod_header",
+    ):
+        value = getattr(proxy, name)
+        if not value and name == "routed_pod_header":
+            continue
+        if _HEADER_NAME_RE.fullmatch(value) is None:
+            problems.append(
+                f"proxy.{name} = {value!r}: expected an HTTP header name "
+                "(letters, digits and !#$%&'*+-.^_`|~, no spaces or colon)"
+            )
+        elif name != "routed_pod_header":
+            other = routing_headers.setdefault(value.lower(), name)
+            if other != name:
+                problems.append(
+                    f"proxy.{name} = {value!r}: the same header as proxy.{other}"
+                )
+    if pod is not None:
+        listeners = {"admin.port": admin.port if admin.enabled else 0}
+        if services:
+            listeners["proxy.port"] = proxy.port
+        for key, port in listeners.items():
+            if port and port == pod.port:
+                problems.append(f"pod.port = {pod.port}: the same port as {key}")
     if store.local_cache_ttl_s >= store.temporary_link_ttl_s:
         problems.append(
             f"store.local_cache_ttl_s = {store.local_cache_ttl_s:g}: must be "
@@ -551,7 +658,7 @@ def _check_cross_section(
         problems.append(
             "store.redis_url: expected a redis://, rediss:// or unix:// URL"
         )
-    if not services and pod is None:
+    if not declared:
         problems.append(
             "no services: add at least one [services.NAME] section or a [pod] section"
         )

@@ -37,6 +37,19 @@ class StoreUnavailableError(StoreError, ConnectionError):
         super().__init__(f"{backend} store unavailable: {reason}")
 
 
+class StoreBusyError(StoreError):
+    """The store client had no free connection in time: local overload.
+
+    Unlike an outage, the store itself answers, so routing must not fall
+    back to placement without links, which could split a user over pods.
+    """
+
+    def __init__(self, backend: str, reason: str) -> None:
+        self.backend = backend
+        self.reason = reason
+        super().__init__(f"{backend} store busy: {reason}")
+
+
 class StoreDataError(StoreError, ValueError):
     """A value in the store that does not follow the documented layout."""
 

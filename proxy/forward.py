@@ -5,13 +5,20 @@ store (503), the pod (502, or 504 on a timeout). Bodies stream both ways and
 are never decompressed. Lower layers raise; this module logs each failure
 once, with the ids involved.
 
-Every relayed request is counted in its service's `PodStats`: in flight
-while it runs, then one sample of its time and status. A request that the
+Every attempt at a pod is counted in its service's `PodStats`: in flight
+while it runs, then one sample of its time and status. An attempt that the
 client abandons ends without a sample.
+
+A failed attempt is sent again when `proxy.retry.plan_retry` allows it and
+the service's retry budget has room: to the same pod after a broken pooled
+connection, else to another routable pod, to which the user's link moves.
+The pod of a retry gets ``X-Route-Previous-Pod`` and ``X-Route-Reason:
+retry``. See docs/retries.md.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -19,13 +26,38 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http import HttpProcessingError
+from multidict import CIMultiDict
 
 from proxy.config import Config
-from proxy.errors import NoPodError, RequestError, StoreDataError, StoreUnavailableError
+from proxy.errors import (
+    NoPodError,
+    RequestError,
+    StoreBusyError,
+    StoreDataError,
+    StoreUnavailableError,
+)
 from proxy.inflight import InFlight
 from proxy.names import dns_label_problem, uid_problem
-from proxy.relay import Relay, error_response, format_ids
-from proxy.routing import Router
+from proxy.pods import Pod
+from proxy.podset import PodSet
+from proxy.relay import (
+    Relay,
+    UpstreamError,
+    answer_expect,
+    error_response,
+    format_ids,
+    pod_request_headers,
+)
+from proxy.retry import (
+    RequestBody,
+    Retry,
+    RetryBudget,
+    Stage,
+    plan_retry,
+    read_body,
+)
+from proxy.routing import Origin, Route, Router
 from proxy.services import Service
 from proxy.statetable import PodStates
 
@@ -35,6 +67,13 @@ logger = logging.getLogger("stateful_route.forward")
 # Headers by which the proxy tells a pod that a user was moved to it. Only
 # the proxy sets them; a client's own values are dropped.
 _ROUTE_HEADERS = ("X-Route-Previous-Pod", "X-Route-Reason")
+# Failure descriptions for the passive health checks, by stage.
+_FAILURE_KINDS = {
+    Stage.CONNECT: "connect error",
+    Stage.SENT: "connection broken",
+    Stage.TIMEOUT: "read timeout",
+    Stage.OTHER: "invalid response",
+}
 
 
 class Forwarder:
@@ -68,6 +107,15 @@ class Forwarder:
             )
             for name, service in services.items()
         }
+        self._budgets = {
+            name: RetryBudget(
+                name,
+                service.settings.retry_budget_percent,
+                service.settings.retry_budget_window_s,
+                service.settings.retry_min_per_s,
+            )
+            for name, service in services.items()
+        }
         self.in_flight = InFlight()
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -91,24 +139,36 @@ class Forwarder:
                 route = await self._router.route(namespace, service, pod_set, uid)
         except RequestError as exc:
             logger.info(
-                "rejected %s %s with %d: %s %s",
+                "rejected %s %s with %d: %s%s",
                 request.method,
-                request.raw_path[:200],
+                _safe_path(request.raw_path),
                 exc.status,
                 exc.message,
-                format_ids(ids),
+                f" {format_ids(ids)}" if ids else "",
             )
             return error_response(exc.status, exc.code, exc.message, **exc.details)
         except StoreUnavailableError as exc:
             # The store logs the start and end of an outage; one line per
             # request would flood the log.
             logger.debug("store unavailable for %s: %s", format_ids(ids), exc)
-            return error_response(
+            response = error_response(
                 503,
                 "store_unavailable",
                 "the link store is unavailable, retry later",
                 backend=exc.backend,
             )
+            response.headers["Retry-After"] = "1"
+            return response
+        except StoreBusyError as exc:
+            logger.warning("store busy for %s: %s", format_ids(ids), exc)
+            response = error_response(
+                503,
+                "store_busy",
+                "the proxy has no free store connection, retry later",
+                backend=exc.backend,
+            )
+            response.headers["Retry-After"] = "1"
+            return response
         except StoreDataError as exc:
             logger.error("invalid link data for %s: %s", format_ids(ids), exc)
             return error_response(500, "invalid_link", str(exc))
@@ -126,6 +186,49 @@ class Forwarder:
             return response
 
         ids["pod"] = route.pod.index
+        settings = service.settings
+        rejected = await answer_expect(request)
+        if rejected is not None:
+            logger.info("rejected an Expect header with 417 %s", format_ids(ids))
+            return rejected
+        try:
+            body = await read_body(
+                request, settings.retry_buffer_bytes, settings.retry_attempts > 0
+            )
+        except (
+            asyncio.IncompleteReadError,
+            ConnectionError,
+            HttpProcessingError,
+        ) as exc:
+            logger.info(
+                "rejected %s %s with 400: request body ended early or is invalid "
+                "%s: %r",
+                request.method,
+                request.raw_path[:200],
+                format_ids(ids),
+                exc,
+            )
+            return error_response(
+                400, "invalid_body", "the request body ended early or is invalid"
+            )
+        return await self._relay_with_retries(
+            request, namespace, service, pod_set, uid, route, body, ids
+        )
+
+    async def _relay_with_retries(
+        self,
+        request: web.BaseRequest,
+        namespace: str,
+        service: Service,
+        pod_set: PodSet,
+        uid: str | None,
+        route: Route,
+        body: RequestBody,
+        ids: dict[str, Any],
+    ) -> web.StreamResponse:
+        """Send attempts until a pod responds or no retry is allowed."""
+        budget = self._budgets[service.name]
+        budget.note_request()
         extra_headers = None
         if route.previous is not None:
             # Tell the pod that it received a moved user, so it can rebuild
@@ -134,21 +237,114 @@ class Forwarder:
                 "X-Route-Previous-Pod": str(route.previous),
                 "X-Route-Reason": route.reason,
             }
+        elif route.origin is Origin.DEGRADED:
+            # Placed without the store: the user's state may be on another pod.
+            extra_headers = {"X-Route-Reason": "degraded"}
+        pod = route.pod
+        failed: tuple[int, ...] = ()
+        attempts_left = service.settings.retry_attempts
+        while True:
+            headers = pod_request_headers(request, extra_headers, _ROUTE_HEADERS)
+            try:
+                return await self._attempt(request, service, pod, ids, headers, body)
+            except UpstreamError as exc:
+                error = exc
+
+            plan = plan_retry(
+                error.stage, request.method, body.replayable, attempts_left
+            )
+            if plan is Retry.OTHER_POD:
+                failed += (pod.index,)
+            if plan is None or not budget.try_spend():
+                return self._relay.error_response(error, ids)
+            attempts_left -= 1
+
+            if plan is Retry.OTHER_POD:
+                try:
+                    moved = await self._router.relink_for_retry(
+                        namespace, service, pod_set, uid, failed
+                    )
+                except NoPodError:
+                    moved = None
+                if moved is None:
+                    budget.refund()
+                    return self._relay.error_response(error, ids)
+                pod = moved.pod
+                extra_headers = {
+                    "X-Route-Previous-Pod": str(error.pod.index),
+                    "X-Route-Reason": "retry",
+                }
+                logger.warning(
+                    "retrying %s on pod=%d: pod=%d failed before the response "
+                    "(%s: %r) %s",
+                    request.method,
+                    pod.index,
+                    error.pod.index,
+                    error.stage.value,
+                    error.cause,
+                    format_ids(ids),
+                )
+                ids["pod"] = pod.index
+            else:
+                logger.info(
+                    "retrying %s on another connection: a pooled connection to "
+                    "pod=%d broke before the response (%r) %s",
+                    request.method,
+                    pod.index,
+                    error.cause,
+                    format_ids(ids),
+                )
+
+    async def _attempt(
+        self,
+        request: web.BaseRequest,
+        service: Service,
+        pod: Pod,
+        ids: dict[str, Any],
+        headers: CIMultiDict[str],
+        body: RequestBody,
+    ) -> web.StreamResponse:
+        """Send one attempt to `pod`, sampling it in the service's stats.
+
+        The outcome also goes to the service's passive health checks. A
+        pooled connection that broke before the response, which the pod
+        most likely closed while it was idle, counts in neither.
+        """
         timeout = self._timeouts[service.name]
         stats = service.stats
-        stat = stats.start(route.pod)
+        stat = stats.start(pod)
         started = time.monotonic()
         try:
-            relayed = await self._relay.relay(
-                request, route.pod, timeout, ids, extra_headers, _ROUTE_HEADERS
-            )
+            relayed = await self._relay.send(request, pod, timeout, ids, headers, body)
+        except UpstreamError as exc:
+            if exc.stage is Stage.STALE:
+                stats.cancel(stat)
+                raise
+            stats.finish(stat, time.monotonic() - started, exc.status)
+            service.health.record(pod, False, _FAILURE_KINDS[exc.stage])
+            raise
         except BaseException:
             stats.cancel(stat)
             raise
         # NOTE: a body that breaks off after the status line was sent counts
         # with the pod's status, because the relay returns that response.
         stats.finish(stat, time.monotonic() - started, relayed.status)
+        service.health.record(pod, relayed.status < 500, f"status {relayed.status}")
         return relayed
+
+    def retry_counters(self) -> dict[str, dict[str, int]]:
+        """Return the requests relayed, retries sent and retries rejected, by service.
+
+        A retry is rejected when the service's retry budget has no room.
+        """
+        return {
+            name: {
+                "requests": budget.requests,
+                "retries": budget.retried,
+                "retries_rejected": budget.rejected,
+            }
+            for name, budget in self._budgets.items()
+        }
 
     def _retry_after_s(self, service: str) -> int:
         """Return seconds until the pod states are read again, at least 1."""
@@ -245,3 +441,10 @@ def _single_header(request: web.BaseRequest, name: str) -> str | None:
             header=name,
         )
     return values[0]
+
+
+def _safe_path(raw_path: str) -> str:
+    """Return a request target for a log line, quoted when it is odd or long."""
+    if len(raw_path) <= 200 and raw_path.isprintable() and " " not in raw_path:
+        return raw_path
+    return repr(raw_path[:200])

@@ -85,7 +85,8 @@ def parse_records(records: Mapping[str, str]) -> tuple[dict[int, PodState], list
     parsed: dict[int, PodState] = {}
     problems: list[str] = []
     for field, text in records.items():
-        if not field.isdigit():
+        # Only canonical decimals, so "007" cannot stand in for pod 7.
+        if not field.isdecimal() or not field.isascii() or str(int(field)) != field:
             problems.append(f"field {field!r} is not a pod index")
             continue
         try:

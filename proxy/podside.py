@@ -35,7 +35,7 @@ from proxy.inflight import InFlight
 from proxy.pods import Pod, parse_address
 from proxy.podset import parse_records
 from proxy.podstate import DRAINED_BY_ADMIN, PodState, Routing, Workload, now_ms
-from proxy.relay import Relay
+from proxy.relay import Relay, answer_expect
 from proxy.store.base import LinkStore
 
 logger = logging.getLogger("stateful_route.pod")
@@ -195,6 +195,9 @@ class PodAgent:
         assert self._relay is not None, "start_relay() first"
         ids = {"pod": self.settings.index, "app": str(self.app.address)}
         started = time.monotonic()
+        rejected = await answer_expect(request)
+        if rejected is not None:
+            return rejected
         self.in_flight.enter()
         try:
             return await self._relay.relay(request, self.app, self._timeout, ids)

@@ -100,8 +100,13 @@ class PodState:
         return cls(load, Routing(routing), updated_ms, address, drained_by)
 
     def is_fresh(self, at_ms: int, stale_after_s: float) -> bool:
-        """Return whether the record was updated within the staleness window."""
-        return at_ms - self.updated_ms <= stale_after_s * 1000
+        """Return whether the record was updated within the staleness window.
+
+        A record from further in the future than the window, written by a
+        pod whose clock is ahead, is not fresh either, or it would stay
+        fresh long after the pod stopped publishing.
+        """
+        return abs(at_ms - self.updated_ms) <= stale_after_s * 1000
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,24 +5,37 @@ Hop-by-hop headers are dropped both ways. Failures before the response
 starts become a JSON error naming the pod: 502 when the pod refused or broke
 the exchange, 504 on a timeout. A failure after the response started closes
 the client connection, because the status line is already sent.
+
+`Relay.send` is the variant for retries: it raises `UpstreamError` with the
+`Stage` the attempt reached, instead of sending the client an error. It also turns
+off aiohttp's own resend (seen in aiohttp 3.14), which sends an idempotent
+request a second time to the same pod after a broken connection, pooled or
+not. That takes a client middleware, so aiohttp 3.12 or later. Which
+connections came from the pool is learned from aiohttp's connection tracing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping
+from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
 import orjson
-from aiohttp import web
+from aiohttp import StreamReader, web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from proxy.errors import StatefulRouteError
 from proxy.pods import Pod
+from proxy.retry import RequestBody, Stage
 
 logger = logging.getLogger("stateful_route.relay")
+
+# Longest client-supplied id shown in a log line.
+_ID_SHOWN_LENGTH = 128
 
 # Hop-by-hop headers (RFC 9110, section 7.6.1) apply to one connection and
 # are never relayed. Headers named in Connection are dropped as well.
@@ -46,6 +59,93 @@ _SKIP_AUTO_HEADERS = frozenset(
     {"Accept", "Accept-Encoding", "User-Agent", "Content-Type"}
 )
 _RELAY_CHUNK_SIZE = 64 * 1024
+
+
+class UpstreamError(StatefulRouteError):
+    """An attempt at a pod that failed before any response byte reached the client.
+
+    `stage` is how far the attempt got, and `cause` is the aiohttp or OS
+    error that ended it.
+    """
+
+    def __init__(self, pod: Pod, stage: Stage, cause: BaseException) -> None:
+        self.pod = pod
+        self.stage = stage
+        self.cause = cause
+        super().__init__(f"{pod}: {stage.value} failure: {cause!r}")
+
+    @property
+    def status(self) -> int:
+        """Return the status the client gets for it: 504 on a timeout, else 502."""
+        return 504 if isinstance(self.cause, TimeoutError) else 502
+
+
+class _ConnectionNote:
+    """The connection facts that the tracing recorded for one attempt."""
+
+    __slots__ = ("connected", "reused")
+
+    def __init__(self) -> None:
+        self.connected = False
+        self.reused = False
+
+
+async def _on_connection_created(
+    session: aiohttp.ClientSession,
+    context: SimpleNamespace,
+    params: aiohttp.TraceConnectionCreateEndParams,
+) -> None:
+    note = context.trace_request_ctx
+    if isinstance(note, _ConnectionNote):
+        note.connected = True
+
+
+async def _on_connection_reused(
+    session: aiohttp.ClientSession,
+    context: SimpleNamespace,
+    params: aiohttp.TraceConnectionReuseconnParams,
+) -> None:
+    note = context.trace_request_ctx
+    if isinstance(note, _ConnectionNote):
+        note.connected = True
+        note.reused = True
+
+
+def _connection_tracing() -> aiohttp.TraceConfig:
+    tracing = aiohttp.TraceConfig()
+    tracing.on_connection_create_end.append(_on_connection_created)
+    tracing.on_connection_reuseconn.append(_on_connection_reused)
+    tracing.freeze()
+    return tracing
+
+
+# One tracing for every session: it only marks `_ConnectionNote` contexts,
+# so other requests of the session are unaffected.
+_CONNECTION_TRACING = _connection_tracing()
+
+
+class _SendFailed(aiohttp.ClientConnectionError):
+    """A broken connection, re-raised under a type that aiohttp does not resend."""
+
+    def __init__(self, cause: aiohttp.ClientConnectionError) -> None:
+        self.cause = cause
+        super().__init__(str(cause))
+
+
+async def _send_once(
+    request: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType
+) -> aiohttp.ClientResponse:
+    """Client middleware that keeps aiohttp from resending a request by itself.
+
+    aiohttp resends an idempotent request once after ClientOSError or
+    ServerDisconnectedError, but any other error type ends the request.
+    """
+    try:
+        return await handler(request)
+    except aiohttp.ClientConnectorError:
+        raise  # aiohttp never resends it, and it shows no connection was made
+    except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as exc:
+        raise _SendFailed(exc) from exc
 
 
 def error_response(
@@ -72,6 +172,9 @@ def strip_hop_by_hop(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
 class Relay:
     """Sends requests to pods over the pooled connections of one client session.
 
+    It adds its connection tracing to the session's trace configs, where it
+    only observes the requests of this class.
+
     :param session: the client session holding the keep-alive pod connections.
     :param routed_pod_header: response header set to the pod index; "" for none.
     """
@@ -79,6 +182,8 @@ class Relay:
     def __init__(self, session: aiohttp.ClientSession, routed_pod_header: str) -> None:
         self._session = session
         self._routed_pod_header = routed_pod_header
+        if _CONNECTION_TRACING not in session.trace_configs:
+            session.trace_configs.append(_CONNECTION_TRACING)
 
     async def relay(
         self,
@@ -89,11 +194,60 @@ class Relay:
         extra_headers: Mapping[str, str] | None = None,
         removed_headers: Iterable[str] = (),
     ) -> web.StreamResponse:
-        """Forward `request` to `pod` and stream the response to the client.
+        """Forward `request` to `pod` once and stream the response to the client.
 
-        `removed_headers` are dropped from the client's headers before
+        A failure before the response started returns the JSON error of
+        `error_response`. aiohttp's own resend of idempotent requests stays
+        on. `removed_headers` are dropped from the client's headers before
         `extra_headers` are set, so a client cannot supply them itself.
         """
+        headers = pod_request_headers(request, extra_headers, removed_headers)
+        body = request.content if request.body_exists else None
+        try:
+            return await self._exchange(
+                request, pod, client_timeout, ids, headers, body, send_once=False
+            )
+        except UpstreamError as exc:
+            return self.error_response(exc, ids)
+
+    async def send(
+        self,
+        request: web.BaseRequest,
+        pod: Pod,
+        client_timeout: aiohttp.ClientTimeout,
+        ids: dict[str, Any],
+        headers: CIMultiDict[str],
+        body: RequestBody,
+    ) -> web.StreamResponse:
+        """Send one attempt of `request` to `pod` and stream the response back.
+
+        Raises `UpstreamError` when the attempt fails before any response
+        byte reached the client, so the caller can retry it or respond with
+        `error_response`. A failure after that closes the client connection
+        and returns the response. aiohttp never resends the request itself.
+        """
+        return await self._exchange(
+            request, pod, client_timeout, ids, headers, body.data(), send_once=True
+        )
+
+    def error_response(self, error: UpstreamError, ids: dict[str, Any]) -> web.Response:
+        """Log a failed attempt and return its JSON error, 504 on a timeout."""
+        response = _upstream_error(error.cause, error.pod, ids)
+        if self._routed_pod_header:
+            response.headers[self._routed_pod_header] = str(error.pod.index)
+        return response
+
+    async def _exchange(
+        self,
+        request: web.BaseRequest,
+        pod: Pod,
+        client_timeout: aiohttp.ClientTimeout,
+        ids: dict[str, Any],
+        headers: CIMultiDict[str],
+        body: bytes | StreamReader | AsyncIterator[bytes] | None,
+        *,
+        send_once: bool,
+    ) -> web.StreamResponse:
         address = pod.address
         path, _, query = request.raw_path.partition("?")
         url = URL.build(
@@ -104,12 +258,7 @@ class Relay:
             query_string=query,
             encoded=True,
         )
-        headers = upstream_headers(request)
-        for name in removed_headers:
-            headers.popall(name, None)
-        if extra_headers:
-            headers.update(extra_headers)
-        body = request.content if request.body_exists else None
+        note = _ConnectionNote()
 
         response: web.StreamResponse | None = None
         try:
@@ -121,6 +270,8 @@ class Relay:
                 allow_redirects=False,
                 timeout=client_timeout,
                 skip_auto_headers=_SKIP_AUTO_HEADERS,
+                trace_request_ctx=note,
+                middlewares=(_send_once,) if send_once else None,
             ) as upstream:
                 response = self._downstream_response(upstream, pod)
                 # Errors of the pod's side come from reading upstream.content;
@@ -140,10 +291,8 @@ class Relay:
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             if response is not None and response.prepared:
                 return _abort_relay(request, response, exc, ids)
-            error = _upstream_error(exc, pod, ids)
-            if self._routed_pod_header:
-                error.headers[self._routed_pod_header] = str(pod.index)
-            return error
+            cause = exc.cause if isinstance(exc, _SendFailed) else exc
+            raise UpstreamError(pod, _stage(cause, note), cause) from cause
 
     def _downstream_response(
         self, upstream: aiohttp.ClientResponse, pod: Pod
@@ -155,9 +304,53 @@ class Relay:
         return response
 
 
+def pod_request_headers(
+    request: web.BaseRequest,
+    extra_headers: Mapping[str, str] | None = None,
+    removed_headers: Iterable[str] = (),
+) -> CIMultiDict[str]:
+    """Return the headers of `request` for the pod.
+
+    Those of `upstream_headers`, without `removed_headers`, then with
+    `extra_headers` set.
+    """
+    headers = upstream_headers(request)
+    for name in removed_headers:
+        headers.popall(name, None)
+    if extra_headers:
+        headers.update(extra_headers)
+    return headers
+
+
+async def answer_expect(request: web.BaseRequest) -> web.Response | None:
+    """Send ``100 Continue`` for ``Expect: 100-continue``; reject other expectations.
+
+    The proxy answers the expectation itself, right before it reads the
+    body, and never forwards Expect: aiohttp's client would take a pod's
+    interim 100 for the final response. Returns a 417 response for an
+    expectation other than 100-continue, else None.
+    """
+    expect = request.headers.get("Expect")
+    if expect is None:
+        return None
+    if expect.strip().lower() != "100-continue":
+        return error_response(
+            417,
+            "invalid_expect",
+            f"Expect {expect[:100]!r} is not supported, only 100-continue",
+            header="Expect",
+        )
+    if request.version >= (1, 1) and request.writer is not None:
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        # The interim response is not part of the final response's size.
+        request.writer.output_size = 0
+    return None
+
+
 def upstream_headers(request: web.BaseRequest) -> CIMultiDict[str]:
     """Return the client's headers for the pod, with the X-Forwarded-* set."""
     headers = strip_hop_by_hop(request.headers)
+    headers.popall("Expect", None)
     peer = request.remote or ""
     forwarded_for = ", ".join(headers.getall("X-Forwarded-For", ()))
     headers.popall("X-Forwarded-For", None)
@@ -179,6 +372,21 @@ async def _client_write(write: Awaitable[object], ids: dict[str, Any]) -> bool:
         )
         return False
     return True
+
+
+def _stage(cause: BaseException, note: _ConnectionNote) -> Stage:
+    """Return how far an attempt got before `cause` ended it."""
+    if not note.connected:
+        if isinstance(
+            cause, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError
+        ):
+            return Stage.CONNECT
+        return Stage.OTHER
+    if isinstance(cause, TimeoutError):
+        return Stage.TIMEOUT
+    if isinstance(cause, aiohttp.ClientConnectionError | ConnectionError):
+        return Stage.STALE if note.reused else Stage.SENT
+    return Stage.OTHER
 
 
 def _upstream_error(exc: BaseException, pod: Pod, ids: dict[str, Any]) -> web.Response:
@@ -223,4 +431,17 @@ def _abort_relay(
 
 
 def format_ids(ids: dict[str, Any]) -> str:
-    return " ".join(f"{name}={value}" for name, value in ids.items())
+    """Return ``name=value`` pairs for a log line; client values are made safe.
+
+    A value that is long or has spaces or control characters, as a rejected
+    UID can, is shown quoted and cut at `_ID_SHOWN_LENGTH` characters.
+    """
+    return " ".join(f"{name}={_safe_id(value)}" for name, value in ids.items())
+
+
+def _safe_id(value: object) -> str:
+    text = str(value)
+    if len(text) <= _ID_SHOWN_LENGTH and text.isprintable() and " " not in text:
+        return text
+    shown = repr(text[:_ID_SHOWN_LENGTH])
+    return shown + "..." if len(text) > _ID_SHOWN_LENGTH else shown

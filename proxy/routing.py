@@ -3,56 +3,84 @@
 The steps, for a (namespace, service, uid) and the service's current
 `PodSet`:
 
-1. The local cache. A cached pod that is no longer available is dropped.
+1. The local cache. A cached pod that is no longer available, or that the
+   health checks found unusable, is dropped.
 2. The link in the store, read with `read_link`, which restarts the TTL of a
    temporary link so that a user who keeps sending requests keeps it alive.
-   A linked pod that is available is used, a draining one included: it keeps
-   its users.
-3. No link: the strategy picks one of the routable pods, and `set_if_absent`
-   writes it with the temporary TTL. The pod that `set_if_absent` returns
-   wins, so concurrent first requests of one UID all end on one pod.
+   A linked pod that is available and usable is used, a draining one
+   included: it keeps its users.
+3. No link: the strategy picks one of the routable pods that the health
+   checks find usable, and `set_if_absent` writes it with the temporary
+   TTL. The pod that `set_if_absent` returns wins, so concurrent first
+   requests of one UID all end on one pod.
 4. A link to a pod that is not available (SHUTDOWN, stale, or an index the
-   service no longer has) is replaced with `replace_if_pod`, a
-   compare-and-set on the old pod: of concurrent requests, exactly one moves
-   the user and the others follow its choice. The user is never moved back
-   by itself when the old pod returns.
+   service no longer has), or that the health checks found unusable
+   (reason ``failover``), is replaced with `replace_if_pod`. This
+   compare-and-set on the old pod lets exactly one of concurrent requests
+   move the user, and the others follow its choice. The user is never
+   moved back by itself when the old pod returns.
+
+The health checks (`proxy.health`) change the choice in two more ways. In
+**panic mode**, when no routable pod of the pod set is usable, routing
+ignores health: users stay on their available pods and new users go to any
+routable pod, instead of every request getting 503. A pod in **slow start**
+after it recovered is offered to each new user with the probability
+`HealthTable.slow_start_share`, so its share of new users grows over
+``slow_start_s``.
+
+The failover handler moves the users of an unusable pod in the background
+and announces each move with `expect_move`. The user's next request through
+this proxy then carries `previous` and `reason`, as if the request had moved
+the user itself.
 
 While the store is unavailable, a UID that is not in the local cache is
-placed by the service's consistent hash over the routable pods, and no link
-is written (`Origin.DEGRADED`). Every proxy with the same pods and equal
-loads picks the same pod, so users keep sticking during an outage of Redis.
-The router remembers these placements for the link TTL: repeated requests
-keep their pod even when the bounded load would choose another, and once the
-store answers again, a UID without a link is linked to the pod it used.
+placed by the service's consistent hash over the usable routable pods, and
+no link is written (`Origin.DEGRADED`). Every proxy with the same pods and
+equal loads picks the same pod, so users keep sticking during an outage of
+Redis. The router remembers these placements for the link TTL: repeated
+requests keep their pod even when the bounded load would choose another,
+and once the store answers again, a UID without a link is linked to the pod
+it used.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
 from proxy.cache import LinkCache
 from proxy.errors import NoPodError, StoreDataError, StoreError, StoreUnavailableError
 from proxy.pods import Pod
-from proxy.podset import PodSet
+from proxy.podset import PodSet, PodStatus
 from proxy.podstate import now_ms
 from proxy.services import Service
 from proxy.store.base import LinkStore
 
 logger = logging.getLogger("stateful_route.routing")
 
+# `Route.reason` of a user moved off a pod that the health checks found
+# unusable, and of a user moved by an operator through the admin API.
+FAILOVER_REASON = "failover"
+MIGRATED_REASON = "migrated"
+
 # Rounds of steps 2-4 before giving up. A second round is needed only when
 # another router links the user to an unavailable pod between our steps.
 _MAX_ROUNDS = 3
-# Maximum placements remembered from store outages. Beyond it the oldest is
-# dropped.
+# Maximum placements remembered from store outages, and maximum moves
+# announced by `expect_move`. Beyond them the oldest is dropped.
 _MAX_DEGRADED_PLACEMENTS = 100_000
+_MAX_NOTICES = 100_000
+# Maximum cached health views, one per (namespace, service).
+_MAX_VIEWS = 4096
 
 _Key = tuple[str, str, str]
+MoveObserver = Callable[[str, str, str, int, str, int], None]
+"""Called with (namespace, service, uid, previous pod, reason, new pod)."""
 
 
 class Origin(Enum):
@@ -70,14 +98,37 @@ class Origin(Enum):
 class Route:
     """The pod a request goes to, and where that choice came from.
 
-    For a user moved off an unavailable pod, `previous` is that pod's index
-    and `reason` why it was left.
+    For a user moved off an unavailable or unusable pod, `previous` is that
+    pod's index and `reason` why it was left.
     """
 
     pod: Pod
     origin: Origin
     previous: int | None = None
     reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class HealthView:
+    """The routable pods of one pod set that the health checks find usable.
+
+    Valid while the pod set's `routable` tuple and the health table's
+    `version` stay the same. `healthy` is empty in panic mode.
+    """
+
+    routable: tuple[Pod, ...]
+    version: int
+    healthy: tuple[Pod, ...]
+
+    @property
+    def panic(self) -> bool:
+        """Whether pods are routable but none of them is usable."""
+        return bool(self.routable) and not self.healthy
+
+    @property
+    def candidates(self) -> tuple[Pod, ...]:
+        """The pods that may take new users: the usable ones, or all in panic."""
+        return self.healthy or self.routable
 
 
 class Router:
@@ -88,6 +139,7 @@ class Router:
     :param link_ttl_s: TTL of the temporary links this router creates, and
         of the placements it remembers while the store is unavailable.
     :param clock: returns monotonic seconds.
+    :param rng: draws which pods in slow start take a new user.
     """
 
     def __init__(
@@ -96,19 +148,26 @@ class Router:
         cache: LinkCache,
         link_ttl_s: float,
         clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
     ) -> None:
         self.store = store
         self.cache = cache
         self.link_ttl_s = link_ttl_s
         self._clock = clock
+        self._rng = rng or random.Random()
         # NOTE: links_created counts the links this router proposed and found
         # in place; two routers proposing the same pod at once both count it.
         self.links_created = 0
         self.users_moved = 0
         self.degraded_routes = 0
+        self.move_observers: list[MoveObserver] = []
         self._pending: set[asyncio.Task[None]] = set()
         # (namespace, service, uid) -> (pod index, expiry in clock seconds).
         self._degraded: dict[_Key, tuple[int, float]] = {}
+        # (namespace, service, uid) -> (previous pod, reason, expiry in clock
+        # seconds) of moves announced with expect_move.
+        self._notices: dict[_Key, tuple[int, str, float]] = {}
+        self._views: dict[tuple[str, str], HealthView] = {}
 
     async def route(
         self, namespace: str, service: Service, pod_set: PodSet, uid: str
@@ -120,18 +179,22 @@ class Router:
         placement is needed and no pod is routable.
         """
         key = (namespace, service.name, uid)
+        view = self.health_view(namespace, service, pod_set)
+        if view.panic:
+            service.health.panic_routes += 1
         cached = self.cache.get(key)
         if cached is not None:
             status = pod_set.get(cached)
-            if status is not None and status.available:
-                return Route(status.pod, Origin.CACHE)
+            if status is not None and self._keeps(service, view, status):
+                return self._noticed(key, Route(status.pod, Origin.CACHE))
             self.cache.drop(key)
 
         try:
-            return await self._route_in_store(key, service, pod_set)
+            route = await self._route_in_store(key, service, pod_set)
         except StoreUnavailableError:
             # The store logs the start and the end of the outage.
-            return self._place_degraded(key, service, pod_set)
+            route = self._place_degraded(key, service, pod_set)
+        return self._noticed(key, route)
 
     async def _route_in_store(
         self, key: _Key, service: Service, pod_set: PodSet
@@ -143,14 +206,15 @@ class Router:
             read = await self.store.read_link(
                 namespace, uid, service.name, self.link_ttl_s
             )
+            view = self.health_view(namespace, service, pod_set)
             if read is None:
-                choice = self._choose(key, service, pod_set)
+                choice = self._choose(key, service, pod_set, view)
                 winner = await self.store.set_if_absent(
                     namespace, uid, service.name, choice.index, self.link_ttl_s
                 )
                 self._degraded.pop(key, None)
                 status = pod_set.get(winner)
-                if status is None or not status.available:
+                if status is None or not self._keeps(service, view, status):
                     continue  # another router linked an unavailable pod
                 self.cache.put(key, winner)
                 self._index_later(key, winner, persistent=False)
@@ -161,7 +225,7 @@ class Router:
 
             linked, persistent = read
             status = pod_set.get(linked)
-            if status is not None and status.available:
+            if status is not None and self._keeps(service, view, status):
                 if self._degraded:
                     self._degraded.pop(key, None)
                 self.cache.put(key, linked)
@@ -173,8 +237,8 @@ class Router:
                 return Route(status.pod, Origin.MOVED, previous, reason)
 
             previous = linked
-            reason = "missing" if status is None else status.reason
-            choice = self._choose(key, service, pod_set)
+            reason = _move_reason(status)
+            choice = self._choose(key, service, pod_set, view)
             replaced, _ = await self.store.replace_if_pod(
                 namespace, uid, service.name, linked, choice.index, self.link_ttl_s
             )
@@ -189,6 +253,118 @@ class Router:
             f"link of uid {uid!r} for service {service.name!r}",
             f"an unavailable pod after {_MAX_ROUNDS} rounds",
         )
+
+    def health_view(
+        self, namespace: str, service: Service, pod_set: PodSet
+    ) -> HealthView:
+        """Return the usable routable pods of `pod_set`, computed once per change.
+
+        Logs the start and the end of panic mode of the pod set, once each.
+        """
+        health = service.health
+        key = (namespace, service.name)
+        view = self._views.get(key)
+        if (
+            view is not None
+            and view.version == health.version
+            and view.routable is pod_set.routable
+        ):
+            return view
+
+        healthy = health.usable_pods(pod_set.routable)
+        view = HealthView(pod_set.routable, health.version, healthy)
+        if key not in self._views and len(self._views) >= _MAX_VIEWS:
+            del self._views[next(iter(self._views))]
+        self._views[key] = view
+        self._note_panic(namespace, service, view)
+        return view
+
+    def _note_panic(self, namespace: str, service: Service, view: HealthView) -> None:
+        health = service.health
+        if view.panic == (namespace in health.panic_namespaces):
+            return
+        if view.panic:
+            health.panic_namespaces.add(namespace)
+            health.panic_entries += 1
+            logger.warning(
+                "panic mode for service=%s namespace=%s: none of its %d routable "
+                "pods passes the health checks, so routing ignores them until one "
+                "does",
+                service.name,
+                namespace,
+                len(view.routable),
+            )
+        else:
+            health.panic_namespaces.discard(namespace)
+            logger.info(
+                "panic mode over for service=%s namespace=%s: %d of %d routable "
+                "pods pass the health checks",
+                service.name,
+                namespace,
+                len(view.healthy),
+                len(view.routable),
+            )
+
+    def _keeps(self, service: Service, view: HealthView, status: PodStatus) -> bool:
+        """Return whether a linked, cached or remembered pod keeps its user.
+
+        An available pod keeps its users while the health checks find it
+        usable, and also when no routable pod is usable, since a move would
+        have nowhere better to go.
+        """
+        if not status.available:
+            return False
+        return service.health.usable(status.pod) or not view.healthy
+
+    def _noticed(self, key: _Key, route: Route) -> Route:
+        """Add the move announced for `key` with `expect_move` to `route`."""
+        if not self._notices:
+            return route
+        notice = self._notices.pop(key, None)
+        if notice is None or route.previous is not None:
+            return route
+        previous, reason, expires_at = notice
+        if expires_at <= self._clock() or route.pod.index == previous:
+            return route
+        return Route(route.pod, Origin.MOVED, previous, reason)
+
+    def expect_move(self, key: _Key, previous: int, reason: str) -> None:
+        """Announce that the caller is about to move `key` off pod `previous`.
+
+        Until the link TTL has passed, the next request of the user through
+        this proxy carries `previous` and `reason`. Call it before the move,
+        so that a request between the move and its end finds the notice, and
+        call `forget_move` when the move fails.
+        """
+        if key not in self._notices and len(self._notices) >= _MAX_NOTICES:
+            del self._notices[next(iter(self._notices))]
+        self._notices[key] = (previous, reason, self._clock() + self.link_ttl_s)
+
+    def forget_move(self, key: _Key) -> None:
+        """Withdraw the notice of `expect_move`, for a move that did not happen."""
+        self._notices.pop(key, None)
+
+    def choose_target(
+        self,
+        namespace: str,
+        service: Service,
+        pod_set: PodSet,
+        uid: str,
+        exclude: int,
+    ) -> Pod | None:
+        """Return the pod to move `uid` to from pod `exclude`, by the strategy.
+
+        Only usable routable pods qualify. Returns None when there is none,
+        in panic mode included. Raises `NoPodError` when the strategy
+        rejects every candidate (weights 0).
+        """
+        view = self.health_view(namespace, service, pod_set)
+        if not view.healthy:
+            return None
+        pods = [pod for pod in self._candidates(service, view) if pod.index != exclude]
+        if not pods:
+            return None
+        return service.strategy.pick(pods, uid, pod_set)
 
     def _index_later(
         self, key: _Key, pod: int, *, persistent: bool, previous: int | None = None
@@ -225,21 +401,25 @@ class Router:
         if self._pending:
             await asyncio.gather(*self._pending, return_exceptions=True)
 
-    def _choose(self, key: _Key, service: Service, pod_set: PodSet) -> Pod:
+    def _choose(
+        self, key: _Key, service: Service, pod_set: PodSet, view: HealthView
+    ) -> Pod:
         """Return the pod to link: the one used during an outage, else a pick."""
-        remembered = self._remembered(key, pod_set)
+        remembered = self._remembered(key, service, pod_set, view)
         if remembered is not None:
             return remembered
-        return self._pick(key[0], service, pod_set, key[2])
+        return self._pick(key[0], service, pod_set, key[2], view)
 
     def _place_degraded(self, key: _Key, service: Service, pod_set: PodSet) -> Route:
         """Place a UID by the consistent hash while the store is unavailable."""
         namespace, _, uid = key
-        pod = self._remembered(key, pod_set)
+        view = self.health_view(namespace, service, pod_set)
+        pod = self._remembered(key, service, pod_set, view)
         if pod is None:
-            if not pod_set.routable:
+            candidates = self._candidates(service, view)
+            if not candidates:
                 raise NoPodError(namespace, service.name)
-            pod = service.placement.pick(pod_set.routable, uid, pod_set)
+            pod = service.placement.pick(candidates, uid, pod_set)
             if len(self._degraded) >= _MAX_DEGRADED_PLACEMENTS:
                 del self._degraded[next(iter(self._degraded))]
             self._degraded[key] = (pod.index, self._clock() + self.link_ttl_s)
@@ -254,10 +434,13 @@ class Router:
         )
         return Route(pod, Origin.DEGRADED)
 
-    def _remembered(self, key: _Key, pod_set: PodSet) -> Pod | None:
+    def _remembered(
+        self, key: _Key, service: Service, pod_set: PodSet, view: HealthView
+    ) -> Pod | None:
         """Return the pod of a placement made during an outage, when still usable.
 
-        Like a linked pod, it is usable while available, draining included.
+        Like a linked pod, it is kept while available and usable, draining
+        included.
         """
         if not self._degraded:
             return None
@@ -266,21 +449,51 @@ class Router:
             return None
         index, expires_at = entry
         status = pod_set.get(index)
-        if expires_at <= self._clock() or status is None or not status.available:
+        if (
+            expires_at <= self._clock()
+            or status is None
+            or not self._keeps(service, view, status)
+        ):
             del self._degraded[key]
             return None
         return status.pod
 
+    def _candidates(self, service: Service, view: HealthView) -> Sequence[Pod]:
+        """Return the pods that may take a new user now, slow start applied.
+
+        A pod in slow start is kept with the probability of its share. When
+        the draw keeps no pod, every candidate is returned.
+        """
+        pods = view.candidates
+        health = service.health
+        if not health.in_slow_start or len(pods) < 2:
+            return pods
+        admitted = []
+        for pod in pods:
+            share = health.slow_start_share(pod)
+            if share >= 1.0 or self._rng.random() < share:
+                admitted.append(pod)
+        return admitted or pods
+
     def _pick(
-        self, namespace: str, service: Service, pod_set: PodSet, uid: str | None
+        self,
+        namespace: str,
+        service: Service,
+        pod_set: PodSet,
+        uid: str | None,
+        view: HealthView,
     ) -> Pod:
-        if not pod_set.routable:
+        pods = self._candidates(service, view)
+        if not pods:
             raise NoPodError(namespace, service.name)
-        return service.strategy.pick(pod_set.routable, uid, pod_set)
+        return service.strategy.pick(pods, uid, pod_set)
 
     def pick_unlinked(self, service: Service, pod_set: PodSet) -> Route:
         """Return a routable pod for a request without a UID; no link is created."""
-        pod = self._pick(pod_set.namespace, service, pod_set, None)
+        view = self.health_view(pod_set.namespace, service, pod_set)
+        if view.panic:
+            service.health.panic_routes += 1
+        pod = self._pick(pod_set.namespace, service, pod_set, None, view)
         return Route(pod, Origin.UNLINKED)
 
     def _log_link(self, namespace: str, service: Service, uid: str, pod: int) -> None:
@@ -312,3 +525,74 @@ class Router:
             reason,
             pod,
         )
+        for observer in self.move_observers:
+            observer(namespace, service.name, uid, previous, reason, pod)
+
+    # --- Request-level retries (proxy/forward.py); appended for proxy/retry.py. ---
+
+    async def relink_for_retry(
+        self,
+        namespace: str,
+        service: Service,
+        pod_set: PodSet,
+        uid: str | None,
+        failed: tuple[int, ...],
+    ) -> Route | None:
+        """Pick a pod outside `failed` for a retry and move `uid` to it.
+
+        The candidates are those that may take new users (`_candidates`:
+        usable routable pods, slow start applied, all routable ones in panic
+        mode). `failed` lists the pods that failed this request, the last
+        one last. The link moves with `replace_if_pod` from that pod, so of
+        concurrent retries of one UID exactly one chooses and the others
+        follow it. Returns None when no candidate is left. While the store
+        is unavailable, the retry goes to the pod without moving the link.
+        """
+        view = self.health_view(namespace, service, pod_set)
+        candidates = [
+            pod for pod in self._candidates(service, view) if pod.index not in failed
+        ]
+        if not candidates:
+            return None
+        choice = service.strategy.pick(candidates, uid, pod_set)
+        previous = failed[-1]
+        if uid is None:
+            return Route(choice, Origin.UNLINKED, previous, "retry")
+
+        key = (namespace, service.name, uid)
+        self.cache.drop(key)
+        try:
+            replaced, linked = await self.store.replace_if_pod(
+                namespace, uid, service.name, previous, choice.index, self.link_ttl_s
+            )
+        except StoreError as exc:
+            logger.debug(
+                "retry of uid=%s goes to pod=%d without moving its link: %s",
+                uid,
+                choice.index,
+                exc,
+            )
+            return Route(choice, Origin.DEGRADED, previous, "retry")
+        if replaced:
+            self.cache.put(key, choice.index)
+            self._index_later(key, choice.index, persistent=False, previous=previous)
+            self._log_move(namespace, service, uid, previous, "retry", choice.index)
+            return Route(choice, Origin.MOVED, previous, "retry")
+        status = None if linked is None else pod_set.get(linked)
+        if (
+            status is not None
+            and status.pod.index not in failed
+            and self._keeps(service, view, status)
+        ):
+            # Another request moved the user first; follow its choice.
+            return Route(status.pod, Origin.MOVED, previous, "retry")
+        return Route(choice, Origin.UNLINKED, previous, "retry")
+
+
+def _move_reason(status: PodStatus | None) -> str:
+    """Return why a linked pod lost its user: its pod state, else health."""
+    if status is None:
+        return "missing"
+    if not status.available:
+        return status.reason
+    return FAILOVER_REASON

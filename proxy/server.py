@@ -21,10 +21,13 @@ from aiohttp import web
 from proxy.admin import build_admin_app
 from proxy.cache import LinkCache
 from proxy.config import Config, StoreSettings
+from proxy.failover import FailoverHandler
 from proxy.forward import Forwarder
+from proxy.health import TransitionCounts, log_transitions
 from proxy.inflight import InFlight
 from proxy.logs import ACCESS_LOGGER, AccessLogger
 from proxy.podside import PodAgent
+from proxy.probe import HealthMonitor, new_probe_session
 from proxy.rebalance import Rebalancer
 from proxy.routing import Router
 from proxy.services import Service, build_services
@@ -81,6 +84,13 @@ class ProxyServer:
         self.router = Router(self.store, self.cache, config.store.temporary_link_ttl_s)
         self.states = PodStates(self.store, self.services)
         self.rebalancer = Rebalancer(self.store, self.states, self.services, self.cache)
+        self.failover = {
+            name: FailoverHandler(service, self.store, self.states, self.router)
+            for name, service in self.services.items()
+        }
+        self.health_counts = {name: TransitionCounts() for name in self.services}
+        self.health_monitors: dict[str, HealthMonitor] = {}
+        self._probe_session: aiohttp.ClientSession | None = None
         self._stopping = asyncio.Event()
         self._background: list[asyncio.Task[None]] = []
         self.started_at = time.time()
@@ -89,6 +99,8 @@ class ProxyServer:
         self._runners: list[web.ServerRunner] = []
         self.pod_agent: PodAgent | None = None
         self.inbound_address = ""
+        # Set once a stop began; /readyz then reports not ready.
+        self.stopping = False
         self._admin_runner: web.AppRunner | None = None
         self.proxy_address = ""
         self.admin_address = ""
@@ -97,6 +109,13 @@ class ProxyServer:
     def in_flight(self) -> int:
         """Return the requests in flight on the proxy and inbound ports."""
         return sum(counter.count for counter in self._in_flight_counters())
+
+    @property
+    def retry_counters(self) -> dict[str, dict[str, int]]:
+        """Return the retry counters of every service; empty without a proxy port."""
+        if self._forwarder is None:
+            return {}
+        return self._forwarder.retry_counters()
 
     def _in_flight_counters(self) -> list[InFlight]:
         counters = []
@@ -132,6 +151,7 @@ class ProxyServer:
             )
             self._background_task(self.states.run(self._stopping), "pod-states")
             self._background_task(self.rebalancer.run(self._stopping), "rebalance")
+            self._start_health()
             runner = await self._listen(self._forwarder.handle, proxy.host, proxy.port)
             self.proxy_address = _bound_address(runner)
 
@@ -185,6 +205,30 @@ class ProxyServer:
         await web.TCPSite(runner, host, port).start()
         return runner
 
+    def _start_health(self) -> None:
+        """Start the health loop, failover handler and observers of each service."""
+        settings = [service.settings for service in self.services.values()]
+        if any(service.health_check_path for service in settings):
+            self._probe_session = new_probe_session()
+        stopping = self._stopping
+        for name, service in self.services.items():
+            session = self._probe_session
+            if not service.settings.health_check_path:
+                session = None
+            monitor = HealthMonitor(service, self.states, session)
+            self.health_monitors[name] = monitor
+            counts = self.health_counts[name]
+            self._background_task(monitor.run(stopping), f"health-{name}")
+            self._background_task(self.failover[name].run(stopping), f"failover-{name}")
+            log_queue = service.health.subscribe()
+            self._background_task(
+                log_transitions(log_queue, stopping), f"health-log-{name}"
+            )
+            counts_queue = service.health.subscribe()
+            self._background_task(
+                counts.run(counts_queue, stopping), f"health-counts-{name}"
+            )
+
     def _background_task(self, work: Coroutine[Any, Any, None], name: str) -> None:
         self._background.append(asyncio.create_task(work, name=name))
 
@@ -212,6 +256,7 @@ class ProxyServer:
 
     async def stop(self) -> None:
         """Stop accepting, drain in-flight requests, then close everything."""
+        self.stopping = True
         timeout = self.config.proxy.shutdown_timeout_s
         for runner in self._runners:
             for site in list(runner.sites):
@@ -239,6 +284,8 @@ class ProxyServer:
         self._stopping.set()
         await _finish_tasks(self._background, _BACKGROUND_STOP_S)
         await self.router.wait_background()
+        if self._probe_session is not None:
+            await self._probe_session.close()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
         if self._session is not None:
@@ -283,7 +330,13 @@ async def serve(config: Config, stop_signals: Sequence[int] = ()) -> None:
     loop = asyncio.get_running_loop()
 
     def on_signal(number: int) -> None:
-        logger.info("received %s, stopping", signal.Signals(number).name)
+        name = signal.Signals(number).name
+        if stopping.is_set():
+            # The handlers stay installed until the proxy stopped, so a
+            # second signal cannot kill it halfway through draining.
+            logger.info("received %s again, already stopping", name)
+            return
+        logger.info("received %s, stopping", name)
         stopping.set()
 
     for number in stop_signals:
@@ -291,11 +344,14 @@ async def serve(config: Config, stop_signals: Sequence[int] = ()) -> None:
     server.log_started()
     try:
         await stopping.wait()
+        server.stopping = True
         await server.drain_pod()
     finally:
-        for number in stop_signals:
-            loop.remove_signal_handler(number)
-        await server.stop()
+        try:
+            await server.stop()
+        finally:
+            for number in stop_signals:
+                loop.remove_signal_handler(number)
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)

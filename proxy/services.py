@@ -1,4 +1,4 @@
-"""Services at run time: their pods per namespace, strategy and measurements."""
+"""Services at run time: their pods per namespace, strategy, measurements, health."""
 
 from __future__ import annotations
 
@@ -7,16 +7,19 @@ from collections.abc import Mapping
 from proxy.balancing import Strategy, build_strategy
 from proxy.config import ServiceSettings
 from proxy.hashing import ConsistentHash
+from proxy.health import HealthTable
 from proxy.pods import Address, Pod
 from proxy.stats import PodStats
 
 
 class Service:
-    """One configured service: settings, strategy, measurements and pods.
+    """One configured service: settings, strategy, measurements, health and pods.
 
     The pods of every namespace are computed once from the settings, so a
     request never formats an address. `placement` is the consistent hash
-    that routing falls back to while the link store is unavailable.
+    that routing falls back to while the link store is unavailable. `stats`
+    and `health` are kept apart from the strategy, so rebuilding it resets
+    neither.
 
     :param settings: the service's section of the configuration.
     :param stats: the measurements table; a new one when not given.
@@ -28,6 +31,7 @@ class Service:
         self.settings = settings
         self.name = settings.name
         self.stats = stats if stats is not None else PodStats(settings.ewma_decay_s)
+        self.health = HealthTable(settings)
         self.strategy: Strategy = build_strategy(settings, self.stats)
         if isinstance(self.strategy, ConsistentHash):
             self.placement = self.strategy

@@ -68,6 +68,14 @@ class PodStates:
         entry.used = True
         return entry.pod_set
 
+    def peek(self, namespace: str, service: str) -> PodSet | None:
+        """Return the current pod set like `get`, without counting it as used.
+
+        For background work, which must not keep an idle entry alive.
+        """
+        entry = self._entries.get((namespace, service))
+        return None if entry is None else entry.pod_set
+
     async def load(self, namespace: str, service: str) -> PodSet:
         """Return the pod set, reading the records now on first use.
 

@@ -8,8 +8,8 @@ milliseconds before its handler runs. Endpoints:
 - any path not listed below: JSON ``{"pod", "uid", "method", "path",
   "headers"}``, where ``path`` is the raw request target with its query and
   ``headers`` lists every request header as a ``[name, value]`` pair.
-- ``POST /upload``: reads the body as a stream and returns JSON ``{"pod",
-  "length", "sha256"}``.
+- ``POST /upload`` and ``PUT /upload``: reads the body as a stream and
+  returns JSON ``{"pod", "method", "length", "sha256"}``.
 - ``GET /download?size=N``: N bytes of `pattern_bytes`, with Content-Length.
 - ``GET /cookies``: three ``Set-Cookie`` headers, in the order of `COOKIES`.
 - ``GET /slow?ms=N``: sleeps N milliseconds, then returns the same JSON as
@@ -68,7 +68,12 @@ def build_app(index: int, delay_ms: int = 0) -> web.Application:
             digest.update(chunk)
             length += len(chunk)
         return web.json_response(
-            {"pod": index, "length": length, "sha256": digest.hexdigest()}
+            {
+                "pod": index,
+                "method": request.method,
+                "length": length,
+                "sha256": digest.hexdigest(),
+            }
         )
 
     async def download(request: web.Request) -> web.StreamResponse:
@@ -110,6 +115,7 @@ def build_app(index: int, delay_ms: int = 0) -> web.Application:
 
     app = web.Application(middlewares=[delay] if delay_ms else [])
     app.router.add_post("/upload", upload)
+    app.router.add_put("/upload", upload)
     app.router.add_get("/download", download)
     app.router.add_get("/cookies", cookies)
     app.router.add_get("/slow", slow)

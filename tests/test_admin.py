@@ -1042,3 +1042,12 @@ async def test_store_outage_returns_503(
     assert links.status == 503
     assert links.body["error"] == "store_unavailable"
     assert drain.status == 503
+
+
+async def test_undrain_without_record_writes_nothing(proxy: Proxy) -> None:
+    reply = await proxy.call("POST", "/v1/services/game/pods/2/undrain")
+
+    assert reply.status == 200
+    assert reply.body["routing"] == "READY"
+    assert reply.body["record"] is None
+    assert await proxy.server.store.read_pod_states(NS, "game") == {}

@@ -116,7 +116,7 @@ def test_service_needs_pods_or_template() -> None:
 def test_service_name_must_be_dns_label() -> None:
     problems = problems_of({"services": {"Game_1": {"pods": ["127.0.0.1:1"]}}})
 
-    assert len(problems) == 2
+    assert len(problems) == 1
     assert problems[0].startswith("[services.Game_1]: service name 'Game_1'")
 
 
@@ -362,3 +362,93 @@ def test_ewma_decay_must_be_positive() -> None:
     problems = weight_problems_of({"pods": PODS, "ewma_decay_s": 0})
 
     assert "services.game.ewma_decay_s = 0.0: must be > 0" in problems
+
+
+def test_health_settings_have_defaults() -> None:
+    service = parse_config(minimal(), environ={}).services["game"]
+
+    assert service.health_check_path == ""
+    assert service.health_interval_s == 5
+    assert service.health_timeout_s == 2
+    assert service.unhealthy_threshold == 3
+    assert service.healthy_threshold == 2
+    assert service.expected_statuses == ("200-399",)
+    assert service.consecutive_failures == 5
+    assert service.base_ejection_s == 30
+    assert service.max_ejection_s == 300
+    assert service.max_ejection_percent == 50
+    assert service.slow_start_s == 30
+    assert service.history_size == 100
+
+
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        ({"health_check_path": "healthz"}, "health_check_path = 'healthz'"),
+        ({"health_check_path": "/a b"}, "expected a path starting with '/'"),
+        ({"expected_statuses": ["2xx"]}, "invalid status entry '2xx'"),
+        ({"expected_statuses": []}, "expected_statuses: no statuses"),
+        ({"max_ejection_percent": 101}, "max_ejection_percent = 101: must be <="),
+        ({"unhealthy_threshold": 0}, "unhealthy_threshold = 0: must be >= 1"),
+        (
+            {"base_ejection_s": 60.0, "max_ejection_s": 30.0},
+            "max_ejection_s = 30: must be >= base_ejection_s (60)",
+        ),
+    ],
+)
+def test_invalid_health_settings_rejected(
+    settings: dict[str, object], expected: str
+) -> None:
+    problems = weight_problems_of({"pods": PODS, **settings})
+
+    assert any(expected in problem for problem in problems), problems
+
+
+def test_unknown_environment_variable_is_named() -> None:
+    environ = {"STATEFUL_ROUTE_POD_ADVERTISE": "10.0.0.1:8000"}
+
+    problems = problems_of(minimal(), environ=environ)
+
+    assert any(
+        p.startswith("environment variable STATEFUL_ROUTE_POD_ADVERTISE: unknown")
+        for p in problems
+    )
+
+
+def test_bad_service_key_hides_no_service() -> None:
+    problems = problems_of({"services": {"game": {"pods": ["127.0.0.1:1"], "x": 1}}})
+
+    assert problems == ["services.game.x: unknown key"]
+
+
+@pytest.mark.parametrize("header", ["X Uid", "X-Uid:", "", "Ünï"])
+def test_invalid_header_name_is_rejected(header: str) -> None:
+    problems = problems_of(minimal(proxy={"uid_header": header}))
+
+    assert len(problems) == 1
+    assert problems[0].startswith(f"proxy.uid_header = {header!r}: expected an HTTP")
+
+
+def test_routing_headers_must_differ() -> None:
+    problems = problems_of(minimal(proxy={"service_header": "x-uid"}))
+
+    assert problems == [
+        "proxy.service_header = 'x-uid': the same header as proxy.uid_header"
+    ]
+
+
+def test_infinite_timeout_is_rejected() -> None:
+    problems = problems_of(minimal(proxy={"shutdown_timeout_s": float("inf")}))
+
+    assert problems == ["proxy.shutdown_timeout_s = inf: must be a finite number"]
+
+
+def test_pod_port_must_differ_from_proxy_port() -> None:
+    document = minimal(
+        proxy={"port": 8000},
+        pod={"service": "game", "index": 0, "app_address": "127.0.0.1:1"},
+    )
+
+    problems = problems_of(document)
+
+    assert problems == ["pod.port = 8000: the same port as proxy.port"]

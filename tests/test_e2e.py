@@ -661,7 +661,7 @@ async def test_uid_optional_service_creates_no_link(
 # Pod failures.
 
 
-async def test_stopped_pod_gives_502_keeping_links(
+async def test_stopped_pod_without_retries_gives_502(
     launch_proxy: Launch,
     own_pods: list[PodProcess],
     redis_server: RedisServer,
@@ -671,6 +671,9 @@ async def test_stopped_pod_gives_502_keeping_links(
     document = proxy_document(own_pods, redis_server.url)
     # Without the local cache every request reads its link from Redis.
     document["store"]["local_cache_ttl_s"] = 0.0
+    # With retries on, a refused request moves to another pod instead
+    # (tests/test_retry_e2e.py).
+    document["services"]["game"]["retry_attempts"] = 0
     proxy = await launch_proxy(document)
     uids = [f"player-{number}" for number in range(12)]
     linked: dict[str, int] = {}

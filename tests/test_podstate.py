@@ -325,3 +325,19 @@ def test_registry_set_takes_fresh_addressed_records() -> None:
     assert [str(pod.address) for pod in pod_set.routable] == ["a:1"]
     assert pod_set.is_available(3)
     assert not pod_set.is_available(5)
+
+
+def test_record_far_in_future_is_not_fresh() -> None:
+    state = PodState(0, Routing.READY, 1_000_000 + 61_000)
+
+    assert state.is_fresh(1_000_000, 60) is False
+    assert state.is_fresh(1_000_000 + 2_000, 60) is True
+
+
+def test_padded_pod_index_is_rejected() -> None:
+    records, problems = parse_records(
+        {"007": PodState(0, Routing.READY, 1).encode(), "7": "x"}
+    )
+
+    assert records == {}
+    assert problems[0] == "field '007' is not a pod index"

@@ -1,6 +1,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
+import random
+from collections import Counter
 
 import pytest
 
@@ -8,9 +12,10 @@ from proxy.cache import LinkCache
 from proxy.config import ServiceSettings
 from proxy.errors import NoPodError, StoreUnavailableError
 from proxy.hashing import rank
+from proxy.health import HealthTable
 from proxy.podset import PodSet, build_pod_set
 from proxy.podstate import PodState, Routing
-from proxy.routing import Origin, Router
+from proxy.routing import FAILOVER_REASON, Origin, Router
 from proxy.services import Service
 from proxy.store.base import PERSISTENT, LinkStore
 from proxy.store.memory import MemoryStore
@@ -412,3 +417,234 @@ async def test_read_persistent_link_indexed_as_persistent() -> None:
     await router.wait_background()
 
     assert await store.count_indexed(NS, "game", 2, NOW_MS) == (0, 1)
+
+
+# Health checks.
+
+
+def mark_unhealthy(service: Service, *indexes: int) -> None:
+    """Fail enough probes of each pod for the health checks to drop it."""
+    for pod in service.pods(NS) or ():
+        if pod.index in indexes:
+            for _ in range(service.settings.unhealthy_threshold):
+                service.health.record_probe(pod, "cannot connect")
+
+
+def mark_healthy(service: Service, *indexes: int) -> None:
+    for pod in service.pods(NS) or ():
+        if pod.index in indexes:
+            for _ in range(service.settings.healthy_threshold):
+                service.health.record_probe(pod, None)
+
+
+async def test_unhealthy_linked_pod_fails_over() -> None:
+    store = MemoryStore()
+    await store.set(NS, "alice", "game", 1, LINK_TTL_S)
+    router = make_router(store, cache_ttl_s=0)
+    service = make_service()
+    mark_unhealthy(service, 1)
+
+    moved = await router.route(NS, service, make_pods(3), "alice")
+    again = await router.route(NS, service, make_pods(3), "alice")
+
+    assert moved.origin is Origin.MOVED
+    assert moved.previous == 1
+    assert moved.reason == FAILOVER_REASON
+    assert moved.pod.index != 1
+    assert again.origin is Origin.LINK
+    assert again.pod == moved.pod
+    assert await store.get(NS, "alice", "game") == moved.pod.index
+
+
+async def test_cached_unhealthy_pod_is_left() -> None:
+    store = MemoryStore()
+    router = make_router(store)
+    service = make_service()
+    await store.set(NS, "alice", "game", 2, LINK_TTL_S)
+    await router.route(NS, service, make_pods(3), "alice")
+    mark_unhealthy(service, 2)
+
+    route = await router.route(NS, service, make_pods(3), "alice")
+
+    assert route.origin is Origin.MOVED
+    assert route.reason == FAILOVER_REASON
+    assert route.pod.index != 2
+
+
+async def test_new_users_skip_unhealthy_pod() -> None:
+    router = make_router(MemoryStore())
+    service = make_service()
+    mark_unhealthy(service, 0)
+
+    picks = {
+        (await router.route(NS, service, make_pods(3), f"user-{n}")).pod.index
+        for n in range(30)
+    }
+
+    assert picks == {1, 2}
+
+
+async def test_recovered_pod_keeps_moved_users() -> None:
+    store = MemoryStore()
+    await store.set(NS, "alice", "game", 1, LINK_TTL_S)
+    router = make_router(store, cache_ttl_s=0)
+    service = make_service()
+    mark_unhealthy(service, 1)
+    moved = await router.route(NS, service, make_pods(3), "alice")
+
+    mark_healthy(service, 1)
+    back = await router.route(NS, service, make_pods(3), "alice")
+
+    assert back.pod == moved.pod
+    assert back.origin is Origin.LINK
+
+
+async def test_panic_keeps_links_and_places_users(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = MemoryStore()
+    await store.set(NS, "alice", "game", 1, LINK_TTL_S)
+    router = make_router(store, cache_ttl_s=0)
+    service = make_service()
+    mark_unhealthy(service, 0, 1, 2)
+
+    with caplog.at_level(logging.WARNING, logger="stateful_route.routing"):
+        linked = await router.route(NS, service, make_pods(3), "alice")
+        newcomers = [
+            await router.route(NS, service, make_pods(3), f"user-{n}") for n in range(6)
+        ]
+
+    assert linked.origin is Origin.LINK
+    assert linked.pod.index == 1
+    assert {route.pod.index for route in newcomers} == {0, 1, 2}
+    assert service.health.panic_namespaces == {NS}
+    assert service.health.panic_entries == 1
+    assert service.health.panic_routes == 7
+    panic_lines = [r for r in caplog.records if "panic mode for" in r.getMessage()]
+    assert len(panic_lines) == 1
+
+
+async def test_panic_ends_when_pod_recovers(caplog: pytest.LogCaptureFixture) -> None:
+    store = MemoryStore()
+    await store.set(NS, "alice", "game", 1, LINK_TTL_S)
+    router = make_router(store, cache_ttl_s=0)
+    service = make_service()
+    mark_unhealthy(service, 0, 1, 2)
+    await router.route(NS, service, make_pods(3), "alice")
+
+    mark_healthy(service, 2)
+    with caplog.at_level(logging.INFO, logger="stateful_route.routing"):
+        route = await router.route(NS, service, make_pods(3), "alice")
+
+    assert route.pod.index == 2
+    assert route.reason == FAILOVER_REASON
+    assert service.health.panic_namespaces == set()
+    assert any("panic mode over" in r.getMessage() for r in caplog.records)
+
+
+async def test_slow_start_ramps_new_users() -> None:
+    clock = [100.0]
+    router = Router(MemoryStore(), LinkCache(0, 1000), LINK_TTL_S, rng=random.Random(7))
+    service = make_service()
+    settings = dataclasses.replace(service.settings, slow_start_s=30.0)
+    service.health = HealthTable(settings, clock=lambda: clock[0])
+    mark_unhealthy(service, 1)
+    mark_healthy(service, 1)
+
+    clock[0] += 3.0  # a share of 0.1
+    early = Counter(
+        [
+            (await router.route(NS, service, make_pods(3), f"early-{n}")).pod.index
+            for n in range(300)
+        ]
+    )
+    clock[0] += 30.0
+    late = Counter(
+        [
+            (await router.route(NS, service, make_pods(3), f"late-{n}")).pod.index
+            for n in range(300)
+        ]
+    )
+
+    assert early[1] < 30
+    assert early[1] > 0
+    assert late[1] == 100
+
+
+async def test_announced_move_marks_next_request() -> None:
+    store = MemoryStore()
+    await store.set(NS, "alice", "game", 2, LINK_TTL_S)
+    router = make_router(store, cache_ttl_s=0)
+    service = make_service()
+
+    router.expect_move((NS, "game", "alice"), 1, FAILOVER_REASON)
+    first = await router.route(NS, service, make_pods(3), "alice")
+    second = await router.route(NS, service, make_pods(3), "alice")
+
+    assert first.origin is Origin.MOVED
+    assert first.previous == 1
+    assert first.reason == FAILOVER_REASON
+    assert second.previous is None
+
+
+async def test_forgotten_move_leaves_no_mark() -> None:
+    store = MemoryStore()
+    await store.set(NS, "alice", "game", 2, LINK_TTL_S)
+    router = make_router(store, cache_ttl_s=0)
+    key = (NS, "game", "alice")
+
+    router.expect_move(key, 1, FAILOVER_REASON)
+    router.forget_move(key)
+    route = await router.route(NS, make_service(), make_pods(3), "alice")
+
+    assert route.previous is None
+
+
+async def test_move_observers_see_moves() -> None:
+    store = MemoryStore()
+    await store.set(NS, "alice", "game", 1, LINK_TTL_S)
+    router = make_router(store, cache_ttl_s=0)
+    service = make_service()
+    mark_unhealthy(service, 1)
+    seen: list[tuple[str, str, str, int, str, int]] = []
+    router.move_observers.append(lambda *move: seen.append(move))
+
+    route = await router.route(NS, service, make_pods(3), "alice")
+
+    assert seen == [(NS, "game", "alice", 1, FAILOVER_REASON, route.pod.index)]
+
+
+def test_failover_target_excludes_failed_pod() -> None:
+    router = make_router(MemoryStore())
+    service = make_service()
+    mark_unhealthy(service, 0)
+
+    targets = {
+        router.choose_target(NS, service, make_pods(3), f"user-{n}", 1)
+        for n in range(10)
+    }
+
+    assert {pod.index for pod in targets if pod is not None} == {2}
+    assert None not in targets
+
+
+def test_no_failover_target_in_panic() -> None:
+    router = make_router(MemoryStore())
+    service = make_service()
+    mark_unhealthy(service, 0, 1, 2)
+
+    assert router.choose_target(NS, service, make_pods(3), "alice", 1) is None
+
+
+async def test_store_outage_skips_unhealthy_pods() -> None:
+    store = FlakyStore()
+    store.down = True
+    service = make_service()
+    pod_set = make_pods(3)
+    preferred = rank("alice", pod_set.routable)[0]
+    mark_unhealthy(service, preferred.index)
+
+    route = await make_router(store).route(NS, service, pod_set, "alice")
+
+    assert route.origin is Origin.DEGRADED
+    assert route.pod != preferred

@@ -8,6 +8,7 @@ Cluster slot. A pod index is stored as a decimal string.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import re
@@ -23,7 +24,12 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from proxy.errors import StoreDataError, StoreError, StoreUnavailableError
+from proxy.errors import (
+    StoreBusyError,
+    StoreDataError,
+    StoreError,
+    StoreUnavailableError,
+)
 from proxy.store.base import PERSISTENT, check_pod, check_ttl
 from proxy.store.keys import (
     link_key,
@@ -49,6 +55,12 @@ _POD_RE = re.compile(r"[0-9]{1,18}")
 
 _RETRY_BACKOFF_BASE_S = 0.01
 _RETRY_BACKOFF_CAP_S = 0.1
+# During an outage, one call per this many seconds checks whether Redis is
+# back; the others fail at once.
+_OUTAGE_PROBE_S = 0.5
+# Message of the ConnectionError that redis-py's BlockingConnectionPool
+# raises when no connection frees up in time (redis-py 5 to 8).
+_POOL_EXHAUSTED = "No connection available."
 
 # Lua helpers, prepended to the scripts that use them. They act on KEYS[1],
 # the link key, and KEYS[2], the UID hash key.
@@ -392,15 +404,40 @@ class RedisStore:
         # while Redis is reachable.
         self._unavailable_since: float | None = None
         self._failed_calls = 0
+        self._last_probe = 0.0
+        self._outage_reason = ""
+        self._max_connections = max_connections
+        self._timeout_s = timeout_s
 
     def describe(self) -> str:
         """Return the Redis URL with its password masked, for logs."""
         return self._url
 
     async def _call(self, awaitable: Awaitable[_T]) -> _T:
-        """Await one Redis round trip and map its errors to store errors."""
+        """Await one Redis round trip and map its errors to store errors.
+
+        During an outage, only one call per `_OUTAGE_PROBE_S` goes to Redis;
+        the others fail at once instead of each waiting for the timeouts.
+        """
+        if self._unavailable_since is not None:
+            now = time.monotonic()
+            if now - self._last_probe < _OUTAGE_PROBE_S:
+                if inspect.iscoroutine(awaitable):
+                    awaitable.close()
+                self._failed_calls += 1
+                raise StoreUnavailableError(self.backend, self._outage_reason)
+            self._last_probe = now
         try:
             result = await awaitable
+        except RedisConnectionError as error:
+            if str(error) == _POOL_EXHAUSTED:
+                raise StoreBusyError(
+                    self.backend,
+                    f"no free connection of {self._max_connections} within "
+                    f"{self._timeout_s:g}s; raise store.redis_max_connections",
+                ) from error
+            reason = self._note_failure(error)
+            raise StoreUnavailableError(self.backend, reason) from error
         except _UNAVAILABLE_ERRORS as error:
             reason = self._note_failure(error)
             raise StoreUnavailableError(self.backend, reason) from error
@@ -414,8 +451,10 @@ class RedisStore:
     def _note_failure(self, error: BaseException) -> str:
         reason = f"{type(error).__name__}: {error}" if str(error) else repr(error)
         self._failed_calls += 1
+        self._outage_reason = reason
         if self._unavailable_since is None:
             self._unavailable_since = time.monotonic()
+            self._last_probe = self._unavailable_since
             logger.warning("Redis store at %s is unavailable: %s", self._url, reason)
         return reason
 

@@ -412,20 +412,16 @@ class FailoverHandler:
 
         key = (namespace, name, uid)
         ttl_s = self._router.link_ttl_s
-        self._router.expect_move(key, pod.index, FAILOVER_REASON)
-        try:
-            replaced, _ = await self._store.replace_if_pod(
-                namespace, uid, name, pod.index, target.index, ttl_s
-            )
-        except BaseException:
-            self._router.forget_move(key)
-            raise
+        replaced, _ = await self._store.replace_if_pod(
+            namespace, uid, name, pod.index, target.index, ttl_s, FAILOVER_REASON
+        )
         if not replaced:
-            self._router.forget_move(key)
             await self._store.unindex_link(namespace, name, pod.index, uid)
             return _Outcome.GONE
 
-        self._router.cache.put(key, target.index)
+        # Dropped, not updated: the next request reads the link and takes the
+        # move notice, once, whichever proxy it goes through.
+        self._router.cache.drop(key)
         expires_ms = now_ms() + int(ttl_s * 1000)
         await self._store.index_link(
             namespace, name, target.index, uid, expires_ms, previous_pod=pod.index
@@ -548,16 +544,10 @@ class FailoverHandler:
         name = self._service.name
         key = (namespace, name, uid)
         ttl_s = PERSISTENT if persistent else self._router.link_ttl_s
-        self._router.expect_move(key, current, MIGRATED_REASON)
-        try:
-            replaced, linked = await self._store.replace_if_pod(
-                namespace, uid, name, current, target.index, ttl_s
-            )
-        except BaseException:
-            self._router.forget_move(key)
-            raise
+        replaced, linked = await self._store.replace_if_pod(
+            namespace, uid, name, current, target.index, ttl_s, MIGRATED_REASON
+        )
         if not replaced:
-            self._router.forget_move(key)
             raise MigrationRejected(
                 "link_changed",
                 f"the link of UID {uid!r} changed during the migration, to "
@@ -566,7 +556,7 @@ class FailoverHandler:
                 linked,
             )
 
-        self._router.cache.put(key, target.index)
+        self._router.cache.drop(key)
         expires_ms = None if persistent else now_ms() + int(ttl_s * 1000)
         await self._store.index_link(
             namespace, name, target.index, uid, expires_ms, previous_pod=current

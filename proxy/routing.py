@@ -29,9 +29,9 @@ after it recovered is offered to each new user with the probability
 ``slow_start_s``.
 
 The failover handler moves the users of an unusable pod in the background
-and announces each move with `expect_move`. The user's next request through
-this proxy then carries `previous` and `reason`, as if the request had moved
-the user itself.
+with `replace_if_pod` and a move notice in the store. The user's next
+request, through whichever proxy, reads the notice with the link and carries
+`previous` and `reason`, as if the request had moved the user itself.
 
 While the store is unavailable, a UID that is not in the local cache is
 placed by the service's consistent hash over the usable routable pods, and
@@ -71,10 +71,9 @@ MIGRATED_REASON = "migrated"
 # Rounds of steps 2-4 before giving up. A second round is needed only when
 # another router links the user to an unavailable pod between our steps.
 _MAX_ROUNDS = 3
-# Maximum placements remembered from store outages, and maximum moves
-# announced by `expect_move`. Beyond them the oldest is dropped.
+# Maximum placements remembered from store outages. Beyond it the oldest is
+# dropped.
 _MAX_DEGRADED_PLACEMENTS = 100_000
-_MAX_NOTICES = 100_000
 # Maximum cached health views, one per (namespace, service).
 _MAX_VIEWS = 4096
 
@@ -164,9 +163,6 @@ class Router:
         self._pending: set[asyncio.Task[None]] = set()
         # (namespace, service, uid) -> (pod index, expiry in clock seconds).
         self._degraded: dict[_Key, tuple[int, float]] = {}
-        # (namespace, service, uid) -> (previous pod, reason, expiry in clock
-        # seconds) of moves announced with expect_move.
-        self._notices: dict[_Key, tuple[int, str, float]] = {}
         self._views: dict[tuple[str, str], HealthView] = {}
 
     async def route(
@@ -186,7 +182,7 @@ class Router:
         if cached is not None:
             status = pod_set.get(cached)
             if status is not None and self._keeps(service, view, status):
-                return self._noticed(key, Route(status.pod, Origin.CACHE))
+                return Route(status.pod, Origin.CACHE)
             self.cache.drop(key)
 
         try:
@@ -194,7 +190,7 @@ class Router:
         except StoreUnavailableError:
             # The store logs the start and the end of the outage.
             route = self._place_degraded(key, service, pod_set)
-        return self._noticed(key, route)
+        return route
 
     async def _route_in_store(
         self, key: _Key, service: Service, pod_set: PodSet
@@ -203,7 +199,7 @@ class Router:
         previous: int | None = None
         reason = ""
         for _ in range(_MAX_ROUNDS):
-            read = await self.store.read_link(
+            read = await self.store.read_link_noticed(
                 namespace, uid, service.name, self.link_ttl_s
             )
             view = self.health_view(namespace, service, pod_set)
@@ -223,7 +219,7 @@ class Router:
                     return Route(status.pod, Origin.NEW_LINK)
                 return Route(status.pod, Origin.MOVED, previous, reason)
 
-            linked, persistent = read
+            linked, persistent, notice = read
             status = pod_set.get(linked)
             if status is not None and self._keeps(service, view, status):
                 if self._degraded:
@@ -231,6 +227,10 @@ class Router:
                 self.cache.put(key, linked)
                 # The read renewed a temporary link, so renew its index entry.
                 self._index_later(key, linked, persistent=persistent)
+                if previous is None and notice is not None:
+                    # A failover moved the user in the background, maybe
+                    # through another proxy: tell the new pod once.
+                    return Route(status.pod, Origin.MOVED, notice[0], notice[1])
                 if previous is None:
                     return Route(status.pod, Origin.LINK)
                 # Another router moved the user first; follow its choice.
@@ -315,34 +315,6 @@ class Router:
         if not status.available:
             return False
         return service.health.usable(status.pod) or not view.healthy
-
-    def _noticed(self, key: _Key, route: Route) -> Route:
-        """Add the move announced for `key` with `expect_move` to `route`."""
-        if not self._notices:
-            return route
-        notice = self._notices.pop(key, None)
-        if notice is None or route.previous is not None:
-            return route
-        previous, reason, expires_at = notice
-        if expires_at <= self._clock() or route.pod.index == previous:
-            return route
-        return Route(route.pod, Origin.MOVED, previous, reason)
-
-    def expect_move(self, key: _Key, previous: int, reason: str) -> None:
-        """Announce that the caller is about to move `key` off pod `previous`.
-
-        Until the link TTL has passed, the next request of the user through
-        this proxy carries `previous` and `reason`. Call it before the move,
-        so that a request between the move and its end finds the notice, and
-        call `forget_move` when the move fails.
-        """
-        if key not in self._notices and len(self._notices) >= _MAX_NOTICES:
-            del self._notices[next(iter(self._notices))]
-        self._notices[key] = (previous, reason, self._clock() + self.link_ttl_s)
-
-    def forget_move(self, key: _Key) -> None:
-        """Withdraw the notice of `expect_move`, for a move that did not happen."""
-        self._notices.pop(key, None)
 
     def choose_target(
         self,

@@ -571,30 +571,45 @@ async def test_slow_start_ramps_new_users() -> None:
     assert late[1] == 100
 
 
-async def test_announced_move_marks_next_request() -> None:
+async def test_move_notice_marks_next_request() -> None:
     store = MemoryStore()
-    await store.set(NS, "alice", "game", 2, LINK_TTL_S)
+    await store.set(NS, "alice", "game", 1, LINK_TTL_S)
+    await store.replace_if_pod(NS, "alice", "game", 1, 2, LINK_TTL_S, FAILOVER_REASON)
     router = make_router(store, cache_ttl_s=0)
     service = make_service()
 
-    router.expect_move((NS, "game", "alice"), 1, FAILOVER_REASON)
     first = await router.route(NS, service, make_pods(3), "alice")
     second = await router.route(NS, service, make_pods(3), "alice")
 
     assert first.origin is Origin.MOVED
+    assert first.pod.index == 2
     assert first.previous == 1
     assert first.reason == FAILOVER_REASON
     assert second.previous is None
 
 
-async def test_forgotten_move_leaves_no_mark() -> None:
-    store = MemoryStore()
-    await store.set(NS, "alice", "game", 2, LINK_TTL_S)
-    router = make_router(store, cache_ttl_s=0)
-    key = (NS, "game", "alice")
+async def test_move_notice_reaches_other_proxy(redis_store: LinkStore) -> None:
+    await redis_store.set(NS, "bob", "game", 0, LINK_TTL_S)
+    await redis_store.replace_if_pod(NS, "bob", "game", 0, 1, LINK_TTL_S, "failover")
+    first_proxy, second_proxy = make_router(redis_store), make_router(redis_store)
+    service = make_service()
 
-    router.expect_move(key, 1, FAILOVER_REASON)
-    router.forget_move(key)
+    seen = await second_proxy.route(NS, service, make_pods(3), "bob")
+    again = await first_proxy.route(NS, service, make_pods(3), "bob")
+
+    assert seen.origin is Origin.MOVED
+    assert seen.previous == 0
+    assert seen.reason == "failover"
+    assert again.origin is Origin.LINK
+    assert again.previous is None
+
+
+async def test_move_without_notice_leaves_no_mark() -> None:
+    store = MemoryStore()
+    await store.set(NS, "alice", "game", 1, LINK_TTL_S)
+    await store.replace_if_pod(NS, "alice", "game", 1, 2, LINK_TTL_S)
+    router = make_router(store, cache_ttl_s=0)
+
     route = await router.route(NS, make_service(), make_pods(3), "alice")
 
     assert route.previous is None

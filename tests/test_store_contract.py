@@ -764,3 +764,30 @@ async def test_remove_if_temporary_keeps_other_pod(store: LinkStore) -> None:
 
     assert await store.remove_if_temporary(NS, UID, SERVICE, 1) is False
     assert await store.get(NS, UID, SERVICE) == 2
+
+
+async def test_move_notice_is_read_once(store: LinkStore) -> None:
+    await store.set(NS, UID, SERVICE, 0, TTL_S)
+    await store.replace_if_pod(NS, UID, SERVICE, 0, 2, TTL_S, "failover")
+
+    first = await store.read_link_noticed(NS, UID, SERVICE, TTL_S)
+    second = await store.read_link_noticed(NS, UID, SERVICE, TTL_S)
+
+    assert first == (2, False, (0, "failover"))
+    assert second == (2, False, None)
+
+
+async def test_failed_replace_leaves_no_notice(store: LinkStore) -> None:
+    await store.set(NS, UID, SERVICE, 1, TTL_S)
+    await store.replace_if_pod(NS, UID, SERVICE, 0, 2, TTL_S, "failover")
+
+    assert await store.read_link_noticed(NS, UID, SERVICE, TTL_S) == (1, False, None)
+
+
+async def test_move_notice_of_persistent_link(store: LinkStore) -> None:
+    await store.set(NS, UID, SERVICE, 0, PERSISTENT)
+    await store.replace_if_pod(NS, UID, SERVICE, 0, 3, PERSISTENT, "migrated")
+
+    read = await store.read_link_noticed(NS, UID, SERVICE, TTL_S)
+
+    assert read == (3, True, (0, "migrated"))

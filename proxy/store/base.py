@@ -8,6 +8,9 @@ from typing import Protocol
 PERSISTENT = -1.0
 """TTL value of a persistent link: no expiry, recorded in the UID hash."""
 
+NOTICE_TTL_S = 300.0
+"""Lifetime of the move notice of a user whose new link is persistent."""
+
 
 def check_ttl(ttl_s: float) -> None:
     """Raise ValueError unless `ttl_s` is PERSISTENT or a positive number."""
@@ -104,11 +107,25 @@ class LinkStore(Protocol):
         old_pod: int,
         new_pod: int,
         ttl_s: float,
+        notice: str = "",
     ) -> tuple[bool, int | None]:
         """Relink to `new_pod` only when the link still names `old_pod`.
 
         A compare-and-set: of concurrent callers that saw the same old pod,
-        exactly one succeeds. Returns (replaced, pod linked now or None).
+        exactly one succeeds. With a `notice` (a reason such as "failover"),
+        a successful move also leaves a move notice that the next
+        `read_link_noticed` of the link returns once. Returns (replaced, pod
+        linked now or None).
+        """
+        ...
+
+    async def read_link_noticed(
+        self, namespace: str, uid: str, service: str, ttl_s: float
+    ) -> tuple[int, bool, tuple[int, str] | None] | None:
+        """Do what `read_link` does, and take the link's move notice, if any.
+
+        Returns (pod, persistent, (previous pod, reason) or None), or None
+        when there is no link. The notice is deleted as it is read.
         """
         ...
 

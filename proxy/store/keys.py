@@ -8,6 +8,10 @@ Cluster slot:
   has a TTL, a persistent one has none.
 - ``sf:{<ns>:state:<svc>}`` hash: pod index -> pod state record.
 - ``sf:{<ns>:workload:<svc>}`` string: service-wide workload state.
+- ``sf:{<ns>:lk:<uid>}<svc>:moved`` string: ``<previous pod>:<reason>`` of a
+  user that a background failover moved, read once by the next router that
+  reads the link, so the new pod learns of the move through any proxy. This
+  project's addition; service names have no ``:``, so it is no link key.
 - ``sf:{<ns>:podlinks:<svc>:<pod>}`` sorted set: UIDs linked to one pod,
   scored by the link's expiry in Unix milliseconds (``+inf`` when
   persistent). This index is this project's addition, not part of the Java
@@ -48,3 +52,8 @@ def pod_links_key(namespace: str, service: str, pod: int) -> str:
     updated after each link change and every reader re-checks the link.
     """
     return f"sf:{{{namespace}:podlinks:{service}:{pod}}}"
+
+
+def move_notice_key(namespace: str, uid: str, service: str) -> str:
+    """Return the key of the notice that a user was moved in the background."""
+    return f"sf:{{{namespace}:lk:{uid}}}{service}:moved"

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from proxy.store.base import PERSISTENT, check_pod, check_ttl
+from proxy.store.base import NOTICE_TTL_S, PERSISTENT, check_pod, check_ttl
 
 _Key = tuple[str, str, str]
 
@@ -40,6 +40,8 @@ class MemoryStore:
         # entry whose link was changed since is skipped when popped.
         self._expiries: list[tuple[float, _Key]] = []
         self._pod_states: dict[tuple[str, str], dict[str, str]] = {}
+        # Move notices: (previous pod, reason, expiry in clock seconds).
+        self._notices: dict[_Key, tuple[int, str, float]] = {}
         self._workloads: dict[tuple[str, str], str] = {}
         # (namespace, service, pod) -> uid -> expiry in Unix ms, inf if persistent
         self._pod_index: dict[tuple[str, str, int], dict[str, float]] = {}
@@ -182,6 +184,7 @@ class MemoryStore:
         old_pod: int,
         new_pod: int,
         ttl_s: float,
+        notice: str = "",
     ) -> tuple[bool, int | None]:
         check_pod(new_pod)
         check_ttl(ttl_s)
@@ -193,7 +196,22 @@ class MemoryStore:
         if link.pod != old_pod:
             return False, link.pod
         self._write(key, new_pod, ttl_s)
+        if notice:
+            lifetime_s = NOTICE_TTL_S if ttl_s == PERSISTENT else ttl_s
+            self._notices[key] = (old_pod, notice, self._clock() + lifetime_s)
         return True, new_pod
+
+    async def read_link_noticed(
+        self, namespace: str, uid: str, service: str, ttl_s: float
+    ) -> tuple[int, bool, tuple[int, str] | None] | None:
+        read = await self.read_link(namespace, uid, service, ttl_s)
+        if read is None:
+            return None
+        entry = self._notices.pop((namespace, uid, service), None)
+        notice = None
+        if entry is not None and entry[2] > self._clock():
+            notice = (entry[0], entry[1])
+        return read[0], read[1], notice
 
     async def remove_if_temporary(
         self, namespace: str, uid: str, service: str, pod: int
@@ -323,6 +341,7 @@ class MemoryStore:
         self._pod_states.clear()
         self._workloads.clear()
         self._pod_index.clear()
+        self._notices.clear()
 
     def __len__(self) -> int:
         """Return the number of links, expired ones not yet purged included."""

@@ -30,9 +30,10 @@ from proxy.errors import (
     StoreError,
     StoreUnavailableError,
 )
-from proxy.store.base import PERSISTENT, check_pod, check_ttl
+from proxy.store.base import NOTICE_TTL_S, PERSISTENT, check_pod, check_ttl
 from proxy.store.keys import (
     link_key,
+    move_notice_key,
     pod_links_key,
     state_key,
     uid_hash_key,
@@ -130,6 +131,25 @@ end
 return {pod, 1}
 """
 
+# KEYS[1] link key, KEYS[2] move notice key. ARGV[1] TTL in ms.
+# Returns {pod, 1 if persistent else 0, notice or false} after restarting
+# the TTL of a temporary link and deleting the notice, or nil.
+READ_LINK_NOTICED_LUA = """
+local pod = redis.call('GET', KEYS[1])
+if not pod then
+  return false
+end
+local notice = redis.call('GET', KEYS[2])
+if notice then
+  redis.call('DEL', KEYS[2])
+end
+if redis.call('PTTL', KEYS[1]) >= 0 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[1])
+  return {pod, 0, notice}
+end
+return {pod, 1, notice}
+"""
+
 # KEYS[1] link key, KEYS[2] UID hash key.
 # ARGV[1] pod, ARGV[2] TTL in ms or '-1' for persistent, ARGV[3] service.
 # Returns the previous pod, or nil.
@@ -208,8 +228,9 @@ return 1
 """
 )
 
-# KEYS[1] link key, KEYS[2] UID hash key.
-# ARGV[1] old pod, ARGV[2] new pod, ARGV[3] TTL in ms or '-1', ARGV[4] service.
+# KEYS[1] link key, KEYS[2] UID hash key, KEYS[3] move notice key.
+# ARGV[1] old pod, ARGV[2] new pod, ARGV[3] TTL in ms or '-1', ARGV[4] service,
+# ARGV[5] notice reason or '' for none, ARGV[6] notice lifetime in ms.
 # Returns {1, new pod} when the link named the old pod and now names the new
 # one, {0, current value} when it names something else, or {0} when there
 # is no link.
@@ -225,6 +246,9 @@ if not names_pod(current, ARGV[1]) then
   return {0, current}
 end
 write_link(ARGV[2], ARGV[3], ARGV[4])
+if ARGV[5] ~= '' then
+  redis.call('SET', KEYS[3], ARGV[1] .. ':' .. ARGV[5], 'PX', ARGV[6])
+end
 return {1, ARGV[2]}
 """
 )
@@ -392,6 +416,7 @@ class RedisStore:
         self._set_script: _Script = register(SET_LUA)
         self._remove_if_temporary_script: _Script = register(REMOVE_IF_TEMPORARY_LUA)
         self._read_link_script: _Script = register(READ_LINK_LUA)
+        self._read_link_noticed_script: _Script = register(READ_LINK_NOTICED_LUA)
         self._try_set_script: _Script = register(TRY_SET_LUA)
         self._set_if_absent_script: _Script = register(SET_IF_ABSENT_LUA)
         self._replace_if_pod_script: _Script = register(REPLACE_IF_POD_LUA)
@@ -506,6 +531,27 @@ class RedisStore:
             return None
         return _require_pod(key, result[0]), bool(int(result[1]))
 
+    async def read_link_noticed(
+        self, namespace: str, uid: str, service: str, ttl_s: float
+    ) -> tuple[int, bool, tuple[int, str] | None] | None:
+        check_ttl(ttl_s)
+        if ttl_s == PERSISTENT:
+            read = await self.read_link(namespace, uid, service, ttl_s)
+            return None if read is None else (read[0], read[1], None)
+        key = link_key(namespace, uid, service)
+        keys = [key, move_notice_key(namespace, uid, service)]
+        result = await self._call(
+            self._read_link_noticed_script(keys=keys, args=[_ttl_arg(ttl_s)])
+        )
+        if result is None:
+            return None
+        notice = None
+        if len(result) > 2 and isinstance(result[2], str):
+            previous, _, reason = result[2].partition(":")
+            if _POD_RE.fullmatch(previous) is not None:
+                notice = (int(previous), reason)
+        return _require_pod(key, result[0]), bool(int(result[1])), notice
+
     async def set(
         self, namespace: str, uid: str, service: str, pod: int, ttl_s: float
     ) -> int | None:
@@ -575,11 +621,23 @@ class RedisStore:
         old_pod: int,
         new_pod: int,
         ttl_s: float,
+        notice: str = "",
     ) -> tuple[bool, int | None]:
         check_pod(new_pod)
         check_ttl(ttl_s)
-        keys = self._link_keys(namespace, uid, service)
-        args = [old_pod, new_pod, _ttl_arg(ttl_s), service]
+        keys = [
+            *self._link_keys(namespace, uid, service),
+            move_notice_key(namespace, uid, service),
+        ]
+        lifetime_s = NOTICE_TTL_S if ttl_s == PERSISTENT else ttl_s
+        args = [
+            old_pod,
+            new_pod,
+            _ttl_arg(ttl_s),
+            service,
+            notice,
+            _milliseconds(lifetime_s),
+        ]
         result = await self._call(self._replace_if_pod_script(keys=keys, args=args))
         if len(result) < 2:
             return False, None

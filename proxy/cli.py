@@ -122,10 +122,17 @@ def command_run(path: str, log_level: str | None) -> int:
     try:
         _run_loop(serve(config, STOP_SIGNALS))
     except StoreUnavailableError as exc:
-        logger.error("cannot start: %s; check store.redis_url and that Redis runs", exc)
+        logger.error(
+            "cannot start: %s. Check store.redis_url and that Redis runs",
+            str(exc).rstrip("."),
+        )
         return EXIT_FAILURE
     except OSError as exc:
-        logger.error("cannot start: %s", exc)
+        logger.error(
+            "cannot start: %s. Check that proxy.port, admin.port and pod.port "
+            "are free and differ",
+            str(exc).rstrip("."),
+        )
         return EXIT_FAILURE
     return EXIT_OK
 

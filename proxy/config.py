@@ -93,7 +93,7 @@ class StoreSettings:
     redis_timeout_s: float = _setting(1.0, above=0)
     redis_connect_timeout_s: float = _setting(1.0, above=0)
     redis_retries: int = _setting(2, low=0, high=10)
-    redis_max_connections: int = _setting(64, low=1)
+    redis_max_connections: int = _setting(256, low=1)
     temporary_link_ttl_s: float = _setting(300.0, above=0)
     local_cache_ttl_s: float = _setting(240.0, low=0)
     local_cache_size: int = _setting(100_000, low=0)

@@ -373,7 +373,7 @@ class RedisStore:
         timeout_s: float = 1.0,
         connect_timeout_s: float = 1.0,
         retries: int = 2,
-        max_connections: int = 64,
+        max_connections: int = 256,
     ) -> None:
         if not timeout_s > 0:
             raise ValueError(f"invalid timeout_s {timeout_s!r}: expected > 0")

@@ -1,4 +1,4 @@
-"""The admin API: health, the view of the services, pod state and links.
+"""The admin API: health, metrics, the view of the services, pod state and links.
 
 It listens on loopback by default, apart from the traffic port. With
 ``admin.token`` set, every endpoint but ``/healthz`` and ``/readyz`` requires
@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy.admin_health import add_health_routes
 from proxy.admin_input import SERVER_KEY, json_response, server_of
@@ -114,6 +115,14 @@ async def status(request: web.Request) -> web.Response:
             },
             "retries": server.retry_counters,
         }
+    )
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Return the proxy's metrics in the Prometheus text format."""
+    registry = server_of(request).metrics.registry
+    return web.Response(
+        body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
     )
 
 
@@ -264,6 +273,7 @@ def build_admin_app(server: ProxyServer) -> web.Application:
     router.add_get("/healthz", healthz)
     router.add_get("/readyz", readyz)
     router.add_get("/v1/status", status)
+    router.add_get("/metrics", metrics)
     router.add_get("/v1/services", list_services)
     # Path values match any character but '/', so that a value with '{' or
     # '}' reaches validation and gets a 400, not a 404.

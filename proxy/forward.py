@@ -38,6 +38,7 @@ from proxy.errors import (
     StoreUnavailableError,
 )
 from proxy.inflight import InFlight
+from proxy.metrics import Metrics
 from proxy.names import dns_label_problem, uid_problem
 from proxy.pods import Pod
 from proxy.podset import PodSet
@@ -84,6 +85,7 @@ class Forwarder:
     :param router: computes the linked pod.
     :param states: the current pod sets with their state records.
     :param session: the client session holding the pooled pod connections.
+    :param metrics: counts every request and failed attempt; None for none.
     """
 
     def __init__(
@@ -93,8 +95,10 @@ class Forwarder:
         router: Router,
         states: PodStates,
         session: aiohttp.ClientSession,
+        metrics: Metrics | None = None,
     ) -> None:
         self._proxy = config.proxy
+        self._metrics = metrics
         self._services = services
         self._router = router
         self._states = states
@@ -121,13 +125,30 @@ class Forwarder:
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         """Route one request to its pod and relay the response."""
         self.in_flight.enter()
+        ids: dict[str, Any] = {}
+        started = time.monotonic()
+        status = 500
         try:
-            return await self._handle(request)
+            response = await self._handle(request, ids)
+            status = response.status
+            return response
+        except asyncio.CancelledError:
+            # The client went away, so no status was sent to count.
+            status = 0
+            raise
         finally:
             self.in_flight.leave()
+            if self._metrics is not None and status:
+                self._metrics.observe_request(
+                    ids.get("service", ""),
+                    ids.get("pod"),
+                    status,
+                    time.monotonic() - started,
+                )
 
-    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        ids: dict[str, Any] = {}
+    async def _handle(
+        self, request: web.BaseRequest, ids: dict[str, Any]
+    ) -> web.StreamResponse:
         try:
             namespace, service, uid = self._read_routing_headers(request, ids)
             pod_set = self._states.get(namespace, service.name)
@@ -317,6 +338,8 @@ class Forwarder:
         try:
             relayed = await self._relay.send(request, pod, timeout, ids, headers, body)
         except UpstreamError as exc:
+            if self._metrics is not None:
+                self._metrics.observe_upstream_error(service.name, exc)
             if exc.stage is Stage.STALE:
                 stats.cancel(stat)
                 raise

@@ -1,4 +1,4 @@
-"""The pods of one (namespace, service) with their state, as routing sees them.
+"""The pods of one (namespace, service) with their state, as routing uses them.
 
 A pod is *available* when its record is fresh and its routing state is not
 SHUTDOWN: users linked to it stay. A pod is *routable* when it is available
@@ -26,7 +26,7 @@ from proxy.podstate import DRAINED_BY_ADMIN, PodState, Routing
 class PodStatus:
     """One pod with its record and what the record allows.
 
-    `reason` says why the pod is not routable, or is "ready".
+    `reason` is why the pod is not routable, or "ready".
     """
 
     pod: Pod

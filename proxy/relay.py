@@ -34,7 +34,7 @@ from proxy.retry import RequestBody, Stage
 
 logger = logging.getLogger("stateful_route.relay")
 
-# Longest client-supplied id shown in a log line.
+# Maximum length of a client-supplied id in a log line.
 _ID_SHOWN_LENGTH = 128
 
 # Hop-by-hop headers (RFC 9110, section 7.6.1) apply to one connection and
@@ -325,7 +325,7 @@ def pod_request_headers(
 async def answer_expect(request: web.BaseRequest) -> web.Response | None:
     """Send ``100 Continue`` for ``Expect: 100-continue``; reject other expectations.
 
-    The proxy answers the expectation itself, right before it reads the
+    The proxy handles the expectation itself, right before it reads the
     body, and never forwards Expect: aiohttp's client would take a pod's
     interim 100 for the final response. Returns a 417 response for an
     expectation other than 100-continue, else None.

@@ -26,6 +26,7 @@ from proxy.forward import Forwarder
 from proxy.health import TransitionCounts, log_transitions
 from proxy.inflight import InFlight
 from proxy.logs import ACCESS_LOGGER, AccessLogger
+from proxy.metrics import Metrics
 from proxy.podside import PodAgent
 from proxy.probe import HealthMonitor, new_probe_session
 from proxy.rebalance import Rebalancer
@@ -104,6 +105,7 @@ class ProxyServer:
         self._admin_runner: web.AppRunner | None = None
         self.proxy_address = ""
         self.admin_address = ""
+        self.metrics = Metrics(self)
 
     @property
     def in_flight(self) -> int:
@@ -147,7 +149,12 @@ class ProxyServer:
 
         if self.services:
             self._forwarder = Forwarder(
-                self.config, self.services, self.router, self.states, self._session
+                self.config,
+                self.services,
+                self.router,
+                self.states,
+                self._session,
+                self.metrics,
             )
             self._background_task(self.states.run(self._stopping), "pod-states")
             self._background_task(self.rebalancer.run(self._stopping), "rebalance")

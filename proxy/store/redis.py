@@ -44,6 +44,8 @@ logger = logging.getLogger("stateful_route.store")
 
 _T = TypeVar("_T")
 _Script = Callable[..., Awaitable[Any]]
+# Receives the seconds of one round trip and its error, None on success.
+StoreObserver = Callable[[float, StoreError | None], None]
 
 # Errors that mean Redis was not reached or did not reply in time. The
 # builtin TimeoutError is also asyncio.TimeoutError.
@@ -433,12 +435,34 @@ class RedisStore:
         self._outage_reason = ""
         self._max_connections = max_connections
         self._timeout_s = timeout_s
+        # Called after every round trip, including the calls that fail at
+        # once during an outage.
+        self.observer: StoreObserver | None = None
 
     def describe(self) -> str:
         """Return the Redis URL with its password masked, for logs."""
         return self._url
 
+    @property
+    def unavailable(self) -> bool:
+        """Whether Redis is in an outage, which lasts until a call succeeds."""
+        return self._unavailable_since is not None
+
     async def _call(self, awaitable: Awaitable[_T]) -> _T:
+        """Await one Redis round trip, timing it for `observer` when that is set."""
+        observer = self.observer
+        if observer is None:
+            return await self._round_trip(awaitable)
+        started = time.perf_counter()
+        try:
+            result = await self._round_trip(awaitable)
+        except StoreError as error:
+            observer(time.perf_counter() - started, error)
+            raise
+        observer(time.perf_counter() - started, None)
+        return result
+
+    async def _round_trip(self, awaitable: Awaitable[_T]) -> _T:
         """Await one Redis round trip and map its errors to store errors.
 
         During an outage, only one call per `_OUTAGE_PROBE_S` goes to Redis;

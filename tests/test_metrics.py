@@ -1,0 +1,261 @@
+"""The ``/metrics`` endpoint, against a `ProxyServer` running in this process.
+
+Each test starts a proxy on loopback with the memory store and again with a
+real redis-server, in front of in-process pods that reply with their index,
+sends traffic through its proxy port and reads the admin port's metrics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from conftest import LOOPBACK, RedisServer
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.config import parse_config
+from proxy.server import ProxyServer
+
+POD_COUNT = 2
+TOKEN = "metrics-test-token"
+CLIENT_TIMEOUT = aiohttp.ClientTimeout(total=10)
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def pod_handler(index: int) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def handle(request: web.Request) -> web.Response:
+        return web.json_response({"pod": index})
+
+    return handle
+
+
+@pytest.fixture
+async def pod_addresses() -> AsyncIterator[list[str]]:
+    """Start two pods on free loopback ports; each replies with its index."""
+    runners: list[web.AppRunner] = []
+    addresses: list[str] = []
+    try:
+        for index in range(POD_COUNT):
+            app = web.Application()
+            app.router.add_route("*", "/{tail:.*}", pod_handler(index))
+            runner = web.AppRunner(app, access_log=None)
+            runners.append(runner)
+            await runner.setup()
+            await web.TCPSite(runner, LOOPBACK, 0).start()
+            addresses.append(f"{LOOPBACK}:{runner.addresses[0][1]}")
+        yield addresses
+    finally:
+        for runner in runners:
+            await runner.cleanup()
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store_section(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """The ``[store]`` section of each backend; Redis starts with FLUSHDB."""
+    if request.param == "memory":
+        return {"backend": "memory"}
+    request.getfixturevalue("redis_client")
+    server: RedisServer = request.getfixturevalue("redis_server")
+    return {"backend": "redis", "redis_url": server.url}
+
+
+@pytest.fixture
+async def server(
+    pod_addresses: list[str], store_section: dict[str, Any]
+) -> AsyncIterator[ProxyServer]:
+    document = {
+        "proxy": {"host": LOOPBACK, "port": 0},
+        "admin": {"host": LOOPBACK, "port": 0, "token": TOKEN},
+        "store": store_section,
+        "services": {"game": {"pods": pod_addresses}},
+    }
+    proxy = ProxyServer(parse_config(document, environ={}))
+    try:
+        await proxy.start()
+        yield proxy
+    finally:
+        await proxy.stop()
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=CLIENT_TIMEOUT) as client:
+        yield client
+
+
+async def send(
+    session: aiohttp.ClientSession, server: ProxyServer, headers: dict[str, str]
+) -> int:
+    """Send one request through the proxy port and return its status."""
+    url = f"http://{server.proxy_address}/play"
+    async with session.get(url, headers=headers) as response:
+        await response.read()
+        return response.status
+
+
+async def scrape(session: aiohttp.ClientSession, server: ProxyServer) -> Samples:
+    """Return every sample of ``/metrics`` by name and label set."""
+    url = f"http://{server.admin_address}/metrics"
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    async with session.get(url, headers=headers) as response:
+        assert response.status == 200
+        assert response.content_type == "text/plain"
+        return parse_samples(await response.text())
+
+
+def parse_samples(text: str) -> Samples:
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+async def test_traffic_moves_request_metrics(
+    server: ProxyServer, session: aiohttp.ClientSession
+) -> None:
+    statuses = [
+        await send(session, server, {"X-Uid": "alice", "X-Service": "game"})
+        for _ in range(3)
+    ]
+    rejected = await send(session, server, {"X-Service": "game"})
+
+    samples = await scrape(session, server)
+    served = sum(
+        value(
+            samples,
+            "stateful_route_requests_total",
+            service="game",
+            pod=str(pod),
+            status_class="2xx",
+        )
+        for pod in range(POD_COUNT)
+    )
+    assert statuses == [200, 200, 200]
+    assert rejected == 400
+    assert served == 3
+    assert (
+        value(
+            samples,
+            "stateful_route_requests_total",
+            service="game",
+            pod="",
+            status_class="4xx",
+        )
+        == 1
+    )
+    assert (
+        value(samples, "stateful_route_request_duration_seconds_count", service="game")
+        == 4
+    )
+    assert value(samples, "stateful_route_links_created_total") == 1
+    assert value(samples, "stateful_route_local_cache_hits_total") >= 1
+    assert value(samples, "stateful_route_requests_in_flight") == 0
+
+
+async def test_health_gauge_per_pod(
+    server: ProxyServer, session: aiohttp.ClientSession
+) -> None:
+    samples = await scrape(session, server)
+
+    for pod in range(POD_COUNT):
+        assert (
+            value(samples, "stateful_route_pod_usable", service="game", pod=str(pod))
+            == 1
+        )
+    assert value(samples, "stateful_route_store_degraded") == 0
+
+
+async def test_unknown_service_label_empty(
+    server: ProxyServer, session: aiohttp.ClientSession
+) -> None:
+    status = await send(session, server, {"X-Uid": "bob", "X-Service": "no-such"})
+
+    samples = await scrape(session, server)
+    assert status == 404
+    assert (
+        value(
+            samples,
+            "stateful_route_requests_total",
+            service="",
+            pod="",
+            status_class="4xx",
+        )
+        == 1
+    )
+    assert not any("no-such" in str(labels) for _, labels in samples)
+
+
+async def test_store_histogram_by_backend(
+    server: ProxyServer, session: aiohttp.ClientSession
+) -> None:
+    await send(session, server, {"X-Uid": "carol", "X-Service": "game"})
+
+    samples = await scrape(session, server)
+    calls = value(samples, "stateful_route_store_operation_duration_seconds_count")
+    if server.store.backend == "redis":
+        assert calls > 0
+    else:
+        assert calls == 0
+
+
+async def test_metrics_require_admin_token(
+    server: ProxyServer, session: aiohttp.ClientSession
+) -> None:
+    url = f"http://{server.admin_address}/metrics"
+
+    async with session.get(url) as response:
+        status = response.status
+
+    assert status == 401
+
+
+async def test_upstream_refused_counted_by_kind(
+    pod_addresses: list[str], session: aiohttp.ClientSession
+) -> None:
+    # Port 1 on loopback has no listener, so every connect is refused.
+    document = {
+        "proxy": {"host": LOOPBACK, "port": 0},
+        "admin": {"host": LOOPBACK, "port": 0},
+        "store": {"backend": "memory"},
+        "services": {"game": {"pods": [f"{LOOPBACK}:1"], "retry_attempts": 0}},
+    }
+    proxy = ProxyServer(parse_config(document, environ={}))
+    try:
+        await proxy.start()
+        status = await send(session, proxy, {"X-Uid": "dave", "X-Service": "game"})
+        url = f"http://{proxy.admin_address}/metrics"
+        async with session.get(url) as response:
+            text = await response.text()
+    finally:
+        await proxy.stop()
+
+    samples = parse_samples(text)
+    assert status == 502
+    assert (
+        value(
+            samples,
+            "stateful_route_upstream_errors_total",
+            service="game",
+            kind="connect",
+        )
+        == 1
+    )
+    assert (
+        value(
+            samples,
+            "stateful_route_requests_total",
+            service="game",
+            pod="0",
+            status_class="5xx",
+        )
+        == 1
+    )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 _Key = tuple[str, str, str]
 
@@ -63,6 +63,21 @@ class LinkCache:
     def drop(self, key: _Key) -> None:
         """Forget the entry of `key`, if any."""
         self._entries.pop(key, None)
+
+    def drop_pod(self, namespaces: Collection[str], service: str, pod: int) -> int:
+        """Forget every entry of `service` in `namespaces` that names `pod`.
+
+        Scans the whole cache, so call it on rare events such as a pod
+        failure. Returns how many entries it dropped.
+        """
+        stale = [
+            key
+            for key, (cached, _) in self._entries.items()
+            if cached == pod and key[1] == service and key[0] in namespaces
+        ]
+        for key in stale:
+            del self._entries[key]
+        return len(stale)
 
     def clear(self) -> None:
         self._entries.clear()

@@ -284,6 +284,10 @@ class FailoverHandler:
         """Record the failure of `pod` and move its users, namespace by namespace."""
         name = self._service.name
         namespaces = self._namespaces_of(pod)
+        # Users that another proxy moves must not come back to this pod from
+        # this proxy's cache once the pod is usable again, so every cached
+        # link to it goes now and the next request reads the store.
+        self._router.cache.drop_pod(set(namespaces), name, pod.index)
         users, sample = await self._count_users(pod, namespaces)
         self.history.add(
             HistoryEvent(
@@ -422,6 +426,7 @@ class FailoverHandler:
         # Dropped, not updated: the next request reads the link and takes the
         # move notice, once, whichever proxy it goes through.
         self._router.cache.drop(key)
+        self._router.users_moved += 1
         expires_ms = now_ms() + int(ttl_s * 1000)
         await self._store.index_link(
             namespace, name, target.index, uid, expires_ms, previous_pod=pod.index
@@ -557,6 +562,7 @@ class FailoverHandler:
             )
 
         self._router.cache.drop(key)
+        self._router.users_moved += 1
         expires_ms = None if persistent else now_ms() + int(ttl_s * 1000)
         await self._store.index_link(
             namespace, name, target.index, uid, expires_ms, previous_pod=current

@@ -56,3 +56,19 @@ def test_cache_drop_forgets_entry() -> None:
 
     assert cache.get(("ns", "svc", "alice")) is None
     assert cache.misses == 1
+
+
+def test_drop_pod_forgets_its_entries_only() -> None:
+    cache = LinkCache(ttl_s=10, max_size=100)
+    cache.put(("ns", "game", "a"), 2)
+    cache.put(("ns", "game", "b"), 1)
+    cache.put(("other", "game", "c"), 2)
+    cache.put(("ns", "chat", "d"), 2)
+
+    dropped = cache.drop_pod({"ns"}, "game", 2)
+
+    assert dropped == 1
+    assert cache.get(("ns", "game", "a")) is None
+    assert cache.get(("ns", "game", "b")) == 1
+    assert cache.get(("other", "game", "c")) == 2
+    assert cache.get(("ns", "chat", "d")) == 2

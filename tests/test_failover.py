@@ -271,7 +271,7 @@ async def test_request_move_counted_once(setup: Setup) -> None:
 
     migrated = await wait_for_event(setup.handler, EventType.USER_MIGRATED)
     assert request_moves[0][1:] == (1, FAILOVER_REASON)
-    assert setup.router.users_moved == 1
+    assert setup.router.users_moved == 10
     assert migrated.users == 10
     assert (await setup.store.get(NS, last, "game")) == request_moves[0][0]
 
@@ -448,3 +448,24 @@ async def test_concurrent_change_rejects_migration() -> None:
     assert error.code == "link_changed"
     assert error.pod == 0
     assert await store.get(NS, uid, "game") == 0
+
+
+async def test_failure_drops_cached_links_to_pod(setup: Setup) -> None:
+    setup.router.cache = LinkCache(240, 1000)
+    moved_elsewhere = setup.users_of(1)[0]
+    key = (NS, "game", moved_elsewhere)
+    setup.router.cache.put(key, 1)
+    # Another proxy moves the user first, so this proxy's own move fails.
+    await setup.store.replace_if_pod(NS, moved_elsewhere, "game", 1, 0, LINK_TTL_S)
+
+    await fail_and_wait(setup, 1)
+
+    assert setup.router.cache.get(key) is None
+
+
+async def test_background_moves_are_counted(setup: Setup) -> None:
+    before = setup.router.users_moved
+
+    await fail_and_wait(setup, 1)
+
+    assert setup.router.users_moved - before == 10

@@ -596,6 +596,25 @@ def _template_problem(exc: Exception) -> str:
     return f"does not expand to host:port ({exc})"
 
 
+def _check_redis_url(url: str) -> list[str]:
+    """Return the problems of `store.redis_url`, empty when it is usable."""
+    if url.startswith(("redis+cluster://", "rediss+cluster://")):
+        # Imported here so that loading a config does not import redis-py.
+        from proxy.store.redis import parse_cluster_url
+
+        try:
+            parse_cluster_url(url)
+        except ValueError as error:
+            return [f"store.redis_url: {error}"]
+        return []
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        return [
+            "store.redis_url: expected a redis://, rediss://, unix://, "
+            "redis+cluster:// or rediss+cluster:// URL"
+        ]
+    return []
+
+
 def _check_cross_section(
     sections: dict[str, Any],
     services: dict[str, ServiceSettings],
@@ -652,12 +671,8 @@ def _check_cross_section(
             f"shorter than store.temporary_link_ttl_s "
             f"({store.temporary_link_ttl_s:g}), or a cached pod outlives its link"
         )
-    if store.backend == "redis" and not store.redis_url.startswith(
-        ("redis://", "rediss://", "unix://")
-    ):
-        problems.append(
-            "store.redis_url: expected a redis://, rediss:// or unix:// URL"
-        )
+    if store.backend == "redis":
+        problems.extend(_check_redis_url(store.redis_url))
     if not declared:
         problems.append(
             "no services: add at least one [services.NAME] section or a [pod] section"

@@ -8,6 +8,7 @@ Cluster slot. A pod index is stored as a decimal string.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import math
@@ -15,13 +16,20 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import redis.asyncio
+from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.exceptions import (
+    ClusterDownError,
+    MaxConnectionsError,
+    RedisClusterException,
+    RedisError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from proxy.errors import (
@@ -61,9 +69,21 @@ _Script = Callable[..., Awaitable[Any]]
 # Receives the seconds of one round trip and its error, None on success.
 StoreObserver = Callable[[float, StoreError | None], None]
 
-# Errors that mean Redis was not reached or did not reply in time. The
-# builtin TimeoutError is also asyncio.TimeoutError.
-_UNAVAILABLE_ERRORS = (RedisConnectionError, RedisTimeoutError, TimeoutError, OSError)
+# Errors that mean Redis was not reached or did not reply in time, or that
+# the cluster cannot serve the slot now. The builtin TimeoutError is also
+# asyncio.TimeoutError. RedisClusterException, raised for example when no
+# node serves a slot, is no RedisError.
+_UNAVAILABLE_ERRORS = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    TimeoutError,
+    OSError,
+    ClusterDownError,
+    TryAgainError,
+    RedisClusterException,
+)
+# URL schemes of a Redis Cluster, with TLS for the second.
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 
 # A pod index as this store and the Java routers write it. Python's
 # str.isdigit() would also accept non-ASCII digits, so match explicitly. The
@@ -96,6 +116,44 @@ def mask_password(url: str) -> str:
     if parts.fragment:
         masked += f"#{parts.fragment}"
     return masked
+
+
+def parse_cluster_url(url: str) -> tuple[list[ClusterNode], dict[str, Any]]:
+    """Parse a ``redis+cluster://`` or ``rediss+cluster://`` URL.
+
+    The form is ``redis+cluster://[user:password@]host:port[,host:port...]/``.
+    Returns the startup nodes and the options of every node connection
+    (``username``, ``password`` and ``ssl``). Raises ValueError on an invalid
+    URL.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in CLUSTER_SCHEMES:
+        raise ValueError(
+            f"invalid Redis Cluster URL {mask_password(url)!r}: expected the "
+            "scheme redis+cluster:// or rediss+cluster://"
+        )
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(
+            f"invalid Redis Cluster URL {mask_password(url)!r}: expected no "
+            "database, query or fragment, because a cluster has only database 0"
+        )
+    user_info, _, hosts = parts.netloc.rpartition("@")
+    options: dict[str, Any] = {"ssl": parts.scheme == "rediss+cluster"}
+    if user_info:
+        username, _, password = user_info.partition(":")
+        options["username"] = unquote(username) or None
+        options["password"] = unquote(password) or None
+    nodes: list[ClusterNode] = []
+    for address in hosts.split(","):
+        host, _, port = address.rpartition(":")
+        host = host.removeprefix("[").removesuffix("]")
+        if not host or not port.isascii() or not port.isdigit():
+            raise ValueError(
+                f"invalid Redis Cluster URL {mask_password(url)!r}: expected "
+                f"host:port, got {address!r}"
+            )
+        nodes.append(ClusterNode(host, int(port)))
+    return nodes, options
 
 
 def _milliseconds(seconds: float) -> int:
@@ -135,14 +193,17 @@ class RedisStore:
     """Link store in Redis, in the key layout that the Java routers share.
 
     :param url: ``redis://``, ``rediss://`` or ``unix://`` URL, as redis-py
-        parses it; its query string may set further connection options.
+        parses it; its query string may set further connection options. A
+        ``redis+cluster://`` or ``rediss+cluster://`` URL selects Redis
+        Cluster, as `parse_cluster_url` describes.
     :param timeout_s: seconds to wait for a reply, and for a free pooled
         connection.
     :param connect_timeout_s: seconds to wait for a TCP connection.
     :param retries: retries after the first attempt of a command that failed
         on a connection error or timeout, with exponential backoff of at
         most 0.1 s.
-    :param max_connections: size of the connection pool.
+    :param max_connections: size of the connection pool; on Redis Cluster,
+        of the pool of each node.
     """
 
     backend = "redis"
@@ -177,19 +238,36 @@ class RedisStore:
             ExponentialBackoff(cap=_RETRY_BACKOFF_CAP_S, base=_RETRY_BACKOFF_BASE_S),
             retries,
         )
-        # A blocking pool makes a burst of more than max_connections requests
-        # wait for a connection, where the default pool would fail them at
-        # once with "Too many connections".
-        pool = redis.asyncio.BlockingConnectionPool.from_url(
-            url,
-            max_connections=max_connections,
-            timeout=timeout_s,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=connect_timeout_s,
-            retry=retry,
-            decode_responses=True,
-        )
-        self._client = redis.asyncio.Redis.from_pool(pool)
+        self._client: redis.asyncio.Redis | redis.asyncio.RedisCluster
+        self.cluster = urlsplit(url).scheme in CLUSTER_SCHEMES
+        if self.cluster:
+            nodes, options = parse_cluster_url(url)
+            # NOTE: redis-py's cluster client has no blocking pool, so a
+            # burst of more than max_connections requests to one node fails
+            # with MaxConnectionsError, which _round_trip maps to store_busy.
+            self._client = redis.asyncio.RedisCluster(
+                startup_nodes=nodes,
+                max_connections=max_connections,
+                socket_timeout=timeout_s,
+                socket_connect_timeout=connect_timeout_s,
+                retry=retry,
+                decode_responses=True,
+                **options,
+            )
+        else:
+            # A blocking pool makes a burst of more than max_connections
+            # requests wait for a connection, where the default pool would
+            # fail them at once with "Too many connections".
+            pool = redis.asyncio.BlockingConnectionPool.from_url(
+                url,
+                max_connections=max_connections,
+                timeout=timeout_s,
+                socket_timeout=timeout_s,
+                socket_connect_timeout=connect_timeout_s,
+                retry=retry,
+                decode_responses=True,
+            )
+            self._client = redis.asyncio.Redis.from_pool(pool)
 
         # AsyncScript runs EVALSHA and loads the script on NOSCRIPT.
         register = self._client.register_script
@@ -205,6 +283,11 @@ class RedisStore:
         self._remove_if_pod_script: _Script = register(REMOVE_IF_POD_LUA)
         self._get_if_persistent_script: _Script = register(GET_IF_PERSISTENT_LUA)
         self._replace_pod_state_script: _Script = register(REPLACE_POD_STATE_LUA)
+
+        # Guards the first cluster initialization; None once it succeeded.
+        self._cluster_start_lock: asyncio.Lock | None = (
+            asyncio.Lock() if self.cluster else None
+        )
 
         # Monotonic time of the first failure of the current outage, or None
         # while Redis is reachable.
@@ -256,7 +339,20 @@ class RedisStore:
                 raise StoreUnavailableError(self.backend, self._outage_reason)
             self._last_probe = now
         try:
+            if self._cluster_start_lock is not None:
+                try:
+                    await self._start_cluster(self._cluster_start_lock)
+                except BaseException:
+                    if inspect.iscoroutine(awaitable):
+                        awaitable.close()
+                    raise
             result = await awaitable
+        except MaxConnectionsError as error:
+            raise StoreBusyError(
+                self.backend,
+                f"all {self._max_connections} connections to a cluster node are "
+                "in use; raise store.redis_max_connections",
+            ) from error
         except RedisConnectionError as error:
             if str(error) == _POOL_EXHAUSTED:
                 raise StoreBusyError(
@@ -275,6 +371,21 @@ class RedisStore:
             raise StoreError(f"redis command failed: {error}") from error
         self._note_reachable()
         return result
+
+    async def _start_cluster(self, lock: asyncio.Lock) -> None:
+        """Read the cluster's slot map once, before the first command.
+
+        With redis-py 8.1, concurrent first commands of a RedisCluster that
+        has not read the slot map yet can fail with AttributeError
+        ('NoneType' object has no attribute 'writelines') when a socket
+        timeout is set. One initialization before any command avoids that.
+        """
+        async with lock:
+            if self._cluster_start_lock is None:
+                return
+            assert isinstance(self._client, redis.asyncio.RedisCluster)
+            await self._client.initialize()
+            self._cluster_start_lock = None
 
     def _note_failure(self, error: BaseException) -> str:
         reason = f"{type(error).__name__}: {error}" if str(error) else repr(error)

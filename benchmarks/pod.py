@@ -1,4 +1,4 @@
-"""A minimal pod for load runs: answers 9 bytes and remembers the UIDs it saw.
+"""A minimal pod for load runs: responds with 9 bytes and remembers the UIDs it saw.
 
 ``GET /__uids`` returns the UIDs seen so far as a JSON list. Run as
 ``python benchmarks/pod.py --index I --port P``.

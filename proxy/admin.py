@@ -56,7 +56,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Return 200 when the store answers and the proxy is not stopping, else 503."""
+    """Return 200 when the store responds and the proxy is not stopping, else 503."""
     server = server_of(request)
     if server.stopping:
         return json_response(

@@ -153,7 +153,7 @@ async def _write_routing(
     ):
         # Delete the drain record instead, or write nothing when there is
         # none, so a pod without a publisher counts as READY; a pod with a
-        # sidecar republishes READY. A READY record nobody republishes would
+        # sidecar republishes READY. A READY record that no sidecar republishes would
         # go stale and make the pod unavailable.
         record = None
         if current is not None:

@@ -12,7 +12,7 @@ class LinkCache:
     """Maps (namespace, service, uid) to a pod index for `ttl_s` seconds.
 
     Entries live shorter than temporary links, so a cached pod never outlives
-    its link in the store by more than the difference. When the cache holds
+    its link in the store by more than the difference. When the cache contains
     `max_size` entries, the oldest entry is dropped first.
 
     :param ttl_s: lifetime of an entry in seconds; 0 disables the cache.

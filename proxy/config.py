@@ -622,7 +622,11 @@ def _check_cross_section(
     declared: bool,
     problems: list[str],
 ) -> None:
-    """Check what spans sections; `declared` says a service or pod was written."""
+    """Check what spans sections.
+
+    `declared` is whether the document has a service or pod section, valid
+    or not, so a broken one does not also report "no services".
+    """
     proxy: ProxySettings = sections["proxy"]
     store: StoreSettings = sections["store"]
     admin: AdminSettings = sections["admin"]

@@ -1,6 +1,6 @@
 """The ``demo`` command: demo pods and a proxy in front of them, in one process.
 
-Each demo pod answers every request with a JSON object naming its pod index
+Each demo pod responds to every request with a JSON object naming its pod index
 and the UID it received, so a newcomer can watch users stick to pods.
 """
 

@@ -40,7 +40,7 @@ class StoreUnavailableError(StoreError, ConnectionError):
 class StoreBusyError(StoreError):
     """The store client had no free connection in time: local overload.
 
-    Unlike an outage, the store itself answers, so routing must not fall
+    Unlike an outage, the store itself responds, so routing must not fall
     back to placement without links, which could split a user over pods.
     """
 

@@ -65,7 +65,7 @@ from proxy.statetable import PodStates
 logger = logging.getLogger("stateful_route.forward")
 
 
-# Headers by which the proxy tells a pod that a user was moved to it. Only
+# Headers that inform a pod that a user was moved to it. Only
 # the proxy sets them; a client's own values are dropped.
 _ROUTE_HEADERS = ("X-Route-Previous-Pod", "X-Route-Reason")
 # Failure descriptions for the passive health checks, by stage.

@@ -9,7 +9,7 @@ A configured pod without any record counts as READY with load 0, unless the
 service sets ``require_pod_state``, so a service without publishers works.
 A record that cannot be parsed counts as no record. Without
 ``require_pod_state``, a drain written through the admin API does not go
-stale, so draining a pod that has no publisher holds until undrain.
+stale, so draining a pod that has no publisher lasts until undrain.
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def _status(
     fresh = state.is_fresh(at_ms, settings.state_stale_after_s)
     if not fresh and state.drained_by == DRAINED_BY_ADMIN:
         # Without require_pod_state, records are not how a pod proves it is
-        # alive, so an operator's drain holds until undrain even when no
+        # alive, so an operator's drain lasts until undrain even when no
         # sidecar republishes it.
         fresh = not settings.require_pod_state
     if not fresh:

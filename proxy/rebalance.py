@@ -1,4 +1,4 @@
-"""Rebalancing: spread temporary links again when one pod holds too many.
+"""Rebalancing: spread temporary links again when one pod has too many.
 
 A pod is overloaded when its count of temporary links exceeds the mean of
 the routable pods of its service by ``rebalance_factor``. The rebalancer then

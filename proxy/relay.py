@@ -53,7 +53,7 @@ HOP_BY_HOP = frozenset(
     }
 )
 
-# Headers that the client session must not add on its own, so the pod sees
+# Headers that the client session must not add on its own, so the pod gets
 # the client's headers and nothing more.
 _SKIP_AUTO_HEADERS = frozenset(
     {"Accept", "Accept-Encoding", "User-Agent", "Content-Type"}

@@ -39,7 +39,7 @@ no link is written (`Origin.DEGRADED`). Every proxy with the same pods and
 equal loads picks the same pod, so users keep sticking during an outage of
 Redis. The router remembers these placements for the link TTL: repeated
 requests keep their pod even when the bounded load would choose another,
-and once the store answers again, a UID without a link is linked to the pod
+and once the store responds again, a UID without a link is linked to the pod
 it used.
 """
 
@@ -83,7 +83,7 @@ MoveObserver = Callable[[str, str, str, int, str, int], None]
 
 
 class Origin(Enum):
-    """Where the pod of a route came from."""
+    """Source of the pod of a route."""
 
     CACHE = "cache"
     LINK = "link"

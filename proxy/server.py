@@ -130,7 +130,7 @@ class ProxyServer:
     async def start(self) -> None:
         """Connect the store and open the ports.
 
-        Raises `StoreUnavailableError` when the store does not answer, and
+        Raises `StoreUnavailableError` when the store does not respond, and
         OSError when a port cannot be bound.
         """
         await self.store.ping()

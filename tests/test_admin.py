@@ -17,12 +17,12 @@ import aiohttp
 import orjson
 import pytest
 import redis.asyncio
-from aiohttp import web
 from conftest import LOOPBACK, RedisServer, free_port
 from multidict import CIMultiDictProxy
 
 from proxy.admin import build_admin_app
 from proxy.config import parse_config
+from proxy.demo import start_demo_pods
 from proxy.podstate import PodState, Routing, now_ms
 from proxy.server import ProxyServer
 from proxy.store.keys import state_key
@@ -38,27 +38,11 @@ Document = dict[str, Any]
 # In-process pods and proxies.
 
 
-def pod_handler(index: int) -> Callable[[web.Request], Awaitable[web.Response]]:
-    async def handle(request: web.Request) -> web.Response:
-        return web.json_response({"pod": index})
-
-    return handle
-
-
 @pytest.fixture
 async def pod_addresses() -> AsyncIterator[list[str]]:
-    """Start three pods on free loopback ports; each replies with its index."""
-    runners: list[web.AppRunner] = []
-    addresses: list[str] = []
+    """Start three demo pods on free loopback ports; each replies with its index."""
+    runners, addresses = await start_demo_pods(POD_COUNT, LOOPBACK)
     try:
-        for index in range(POD_COUNT):
-            app = web.Application()
-            app.router.add_route("*", "/{tail:.*}", pod_handler(index))
-            runner = web.AppRunner(app, access_log=None)
-            runners.append(runner)
-            await runner.setup()
-            await web.TCPSite(runner, LOOPBACK, 0).start()
-            addresses.append(f"{LOOPBACK}:{runner.addresses[0][1]}")
         yield addresses
     finally:
         for runner in runners:

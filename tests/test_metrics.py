@@ -7,16 +7,16 @@ sends traffic through its proxy port and reads the admin port's metrics.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 from conftest import LOOPBACK, RedisServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.config import parse_config
+from proxy.demo import start_demo_pods
 from proxy.server import ProxyServer
 
 POD_COUNT = 2
@@ -26,27 +26,11 @@ CLIENT_TIMEOUT = aiohttp.ClientTimeout(total=10)
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
-def pod_handler(index: int) -> Callable[[web.Request], Awaitable[web.Response]]:
-    async def handle(request: web.Request) -> web.Response:
-        return web.json_response({"pod": index})
-
-    return handle
-
-
 @pytest.fixture
 async def pod_addresses() -> AsyncIterator[list[str]]:
-    """Start two pods on free loopback ports; each replies with its index."""
-    runners: list[web.AppRunner] = []
-    addresses: list[str] = []
+    """Start two demo pods on free loopback ports; each replies with its index."""
+    runners, addresses = await start_demo_pods(POD_COUNT, LOOPBACK)
     try:
-        for index in range(POD_COUNT):
-            app = web.Application()
-            app.router.add_route("*", "/{tail:.*}", pod_handler(index))
-            runner = web.AppRunner(app, access_log=None)
-            runners.append(runner)
-            await runner.setup()
-            await web.TCPSite(runner, LOOPBACK, 0).start()
-            addresses.append(f"{LOOPBACK}:{runner.addresses[0][1]}")
         yield addresses
     finally:
         for runner in runners:

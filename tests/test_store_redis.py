@@ -405,7 +405,7 @@ async def test_paused_server_times_out_as_unavailable(
 
 
 async def get_when_back(store: RedisStore, timeout_s: float = 5.0) -> int | None:
-    """Return the test link once the store answers again, within `timeout_s`.
+    """Return the test link once the store responds again, within `timeout_s`.
 
     During an outage the store sends one call per probe interval to Redis,
     so the first calls after a recovery can still fail at once.

@@ -242,7 +242,7 @@ class LinkStore(Protocol):
         ...
 
     async def ping(self) -> None:
-        """Raise `StoreUnavailableError` unless the store answers."""
+        """Raise `StoreUnavailableError` unless the store responds."""
         ...
 
     async def close(self) -> None:

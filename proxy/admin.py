@@ -30,6 +30,7 @@ from proxy.admin_pods import (
     undrain_pod,
 )
 from proxy.admin_rebalance import rebalance
+from proxy.admin_reload import reload_config
 from proxy.errors import (
     RequestError,
     StoreDataError,
@@ -275,6 +276,7 @@ def build_admin_app(server: ProxyServer) -> web.Application:
     router.add_get("/v1/status", status)
     router.add_get("/metrics", metrics)
     router.add_get("/v1/services", list_services)
+    router.add_post("/v1/reload", reload_config)
     # Path values match any character but '/', so that a value with '{' or
     # '}' reaches validation and gets a 400, not a 404.
     pods = "/v1/services/{service:[^/]+}/pods"

@@ -109,7 +109,7 @@ def command_check(path: str) -> int:
 
 
 def command_run(path: str, log_level: str | None) -> int:
-    from proxy.server import STOP_SIGNALS, serve
+    from proxy.server import RELOAD_SIGNALS, STOP_SIGNALS, serve
 
     try:
         config: Config = load_config(path)
@@ -120,7 +120,7 @@ def command_run(path: str, log_level: str | None) -> int:
         log_level or config.log.level, config.log.format, config.log.access_log
     )
     try:
-        _run_loop(serve(config, STOP_SIGNALS))
+        _run_loop(serve(config, STOP_SIGNALS, RELOAD_SIGNALS))
     except StoreUnavailableError as exc:
         logger.error(
             "cannot start: %s. Check store.redis_url and that Redis runs",

@@ -669,6 +669,11 @@ def _check_cross_section(
         for key, port in listeners.items():
             if port and port == pod.port:
                 problems.append(f"pod.port = {pod.port}: the same port as {key}")
+    # Without a [pod] section, `declared` means service sections, valid or
+    # not, so a broken service does not hide this problem.
+    opens_proxy_port = bool(services) or (declared and pod is None)
+    if opens_proxy_port and admin.enabled and admin.port == proxy.port != 0:
+        problems.append(f"admin.port = {admin.port}: the same port as proxy.port")
     if store.local_cache_ttl_s >= store.temporary_link_ttl_s:
         problems.append(
             f"store.local_cache_ttl_s = {store.local_cache_ttl_s:g}: must be "

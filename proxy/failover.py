@@ -103,6 +103,12 @@ class FailoverHistory:
     def add(self, event: HistoryEvent) -> None:
         self._events.append(event)
 
+    def resize(self, size: int) -> None:
+        """Keep the last `size` events from now on, dropping older ones now."""
+        if size != self.size:
+            self.size = size
+            self._events = deque(self._events, maxlen=size)
+
     def events(self) -> list[HistoryEvent]:
         """Return the events, newest first."""
         return list(reversed(self._events))
@@ -210,6 +216,7 @@ class FailoverHandler:
         self._states = states
         self._router = router
         settings = service.settings
+        self._moves_per_s = settings.max_moves_per_s
         self._pacer = pacer or Pacer(settings.max_moves_per_s)
         self._page_size = page_size
         self.history = FailoverHistory(settings.history_size)
@@ -222,6 +229,27 @@ class FailoverHandler:
         router.move_observers.append(self._on_route_move)
         self.ready = asyncio.Event()
         """Set once the handler waits for transitions."""
+
+    def reconfigure(self) -> None:
+        """Take the service's new pace and history size, as after a reload.
+
+        Runs in progress continue at the new pace, and the history keeps
+        its newest events.
+        """
+        settings = self._service.settings
+        if settings.max_moves_per_s != self._moves_per_s:
+            self._moves_per_s = settings.max_moves_per_s
+            self._pacer = Pacer(settings.max_moves_per_s)
+        self.history.resize(settings.history_size)
+
+    def detach(self) -> None:
+        """Stop observing the router and the health table, for a removed service.
+
+        Call it once. `run` still has to end, through its stop event.
+        """
+        if self._on_route_move in self._router.move_observers:
+            self._router.move_observers.remove(self._on_route_move)
+        self._service.health.unsubscribe(self._queue)
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Handle transitions until `stopping` is set, then cancel open runs."""

@@ -103,24 +103,33 @@ class Forwarder:
         self._router = router
         self._states = states
         self._relay = Relay(session, config.proxy.routed_pod_header)
-        self._timeouts = {
-            name: aiohttp.ClientTimeout(
-                total=None,
-                sock_connect=service.settings.connect_timeout_s,
-                sock_read=service.settings.read_timeout_s,
-            )
-            for name, service in services.items()
-        }
-        self._budgets = {
-            name: RetryBudget(
-                name,
-                service.settings.retry_budget_percent,
-                service.settings.retry_budget_window_s,
-                service.settings.retry_min_per_s,
-            )
-            for name, service in services.items()
-        }
+        self._timeouts = {name: _timeout(service) for name, service in services.items()}
+        self._budgets = {name: _budget(service) for name, service in services.items()}
         self.in_flight = InFlight()
+
+    def reconfigure(self, config: Config) -> None:
+        """Take the settings of a reload, for the services now in `services`.
+
+        A service whose retry budget settings changed gets a new budget that
+        carries the counters on, and removed services lose theirs.
+        Requests in flight keep the timeout they started with.
+        """
+        self._proxy = config.proxy
+        self._timeouts = {
+            name: _timeout(service) for name, service in self._services.items()
+        }
+        budgets = {}
+        for name, service in self._services.items():
+            budget = self._budgets.get(name)
+            if budget is None or budget.settings != _budget_settings(service):
+                fresh = _budget(service)
+                if budget is not None:
+                    fresh.requests = budget.requests
+                    fresh.retried = budget.retried
+                    fresh.rejected = budget.rejected
+                budget = fresh
+            budgets[name] = budget
+        self._budgets = budgets
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         """Route one request to its pod and relay the response."""
@@ -248,7 +257,10 @@ class Forwarder:
         ids: dict[str, Any],
     ) -> web.StreamResponse:
         """Send attempts until a pod responds or no retry is allowed."""
-        budget = self._budgets[service.name]
+        budget = self._budgets.get(service.name)
+        if budget is None:
+            # A reload removed the service while this request was routed.
+            budget = _budget(service)
         budget.note_request()
         extra_headers = None
         if route.previous is not None:
@@ -331,7 +343,7 @@ class Forwarder:
         pooled connection that broke before the response, which the pod
         most likely closed while it was idle, counts in neither.
         """
-        timeout = self._timeouts[service.name]
+        timeout = self._timeouts.get(service.name) or _timeout(service)
         stats = service.stats
         stat = stats.start(pod)
         started = time.monotonic()
@@ -371,7 +383,10 @@ class Forwarder:
 
     def _retry_after_s(self, service: str) -> int:
         """Return seconds until the pod states are read again, at least 1."""
-        return max(1, math.ceil(self._services[service].settings.state_refresh_s))
+        configured = self._services.get(service)
+        if configured is None:
+            return 1
+        return max(1, math.ceil(configured.settings.state_refresh_s))
 
     def _read_routing_headers(
         self, request: web.BaseRequest, ids: dict[str, Any]
@@ -449,6 +464,28 @@ class Forwarder:
                 400, "invalid_uid", f"UID {problem}", header=proxy.uid_header
             )
         return namespace, service, uid
+
+
+def _timeout(service: Service) -> aiohttp.ClientTimeout:
+    settings = service.settings
+    return aiohttp.ClientTimeout(
+        total=None,
+        sock_connect=settings.connect_timeout_s,
+        sock_read=settings.read_timeout_s,
+    )
+
+
+def _budget_settings(service: Service) -> tuple[float, float, float]:
+    settings = service.settings
+    return (
+        settings.retry_budget_percent,
+        settings.retry_budget_window_s,
+        settings.retry_min_per_s,
+    )
+
+
+def _budget(service: Service) -> RetryBudget:
+    return RetryBudget(service.name, *_budget_settings(service))
 
 
 def _single_header(request: web.BaseRequest, name: str) -> str | None:

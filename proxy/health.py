@@ -125,13 +125,7 @@ class HealthTable:
         max_entries: int = MAX_ENTRIES,
     ) -> None:
         self.service = settings.name
-        self._healthy_threshold = settings.healthy_threshold
-        self._unhealthy_threshold = settings.unhealthy_threshold
-        self._consecutive_failures = settings.consecutive_failures
-        self._base_ejection_s = settings.base_ejection_s
-        self._max_ejection_s = settings.max_ejection_s
-        self._max_ejection_percent = settings.max_ejection_percent
-        self._slow_start_s = settings.slow_start_s
+        self.configure(settings)
         self._clock = clock
         self._max_entries = max_entries
         self._entries: dict[Pod, PodHealth] = {}
@@ -149,6 +143,20 @@ class HealthTable:
         self.panic_namespaces: set[str] = set()
         self.panic_entries = 0
         self.panic_routes = 0
+
+    def configure(self, settings: ServiceSettings) -> None:
+        """Take the thresholds of `settings`, keeping the state of every pod.
+
+        New thresholds apply from the next probe or request on, and an
+        ejection in progress keeps its end time.
+        """
+        self._healthy_threshold = settings.healthy_threshold
+        self._unhealthy_threshold = settings.unhealthy_threshold
+        self._consecutive_failures = settings.consecutive_failures
+        self._base_ejection_s = settings.base_ejection_s
+        self._max_ejection_s = settings.max_ejection_s
+        self._max_ejection_percent = settings.max_ejection_percent
+        self._slow_start_s = settings.slow_start_s
 
     def now(self) -> float:
         """Return the current time of the table's clock, in seconds."""
@@ -464,6 +472,12 @@ class TransitionCounts:
     def count(self, transition: Transition) -> None:
         counter = self.up if transition.usable else self.down
         counter[transition.pod] += 1
+
+    def retain(self, pods: Collection[Pod]) -> None:
+        """Drop the counts of pods that are not in `pods`, which left the service."""
+        for counter in (self.down, self.up):
+            for pod in [pod for pod in counter if pod not in pods]:
+                del counter[pod]
 
     async def run(
         self, queue: asyncio.Queue[Transition], stopping: asyncio.Event

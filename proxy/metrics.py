@@ -15,7 +15,7 @@ never appear.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -143,6 +143,29 @@ class Metrics:
         self._request_children: dict[tuple[str, str, int], Counter] = {}
         self._duration_children: dict[str, Histogram] = {}
         self._error_children: dict[tuple[str, str], Counter] = {}
+
+    def set_services(self, services: Collection[str]) -> None:
+        """Take the configured services after a reload, for the label check."""
+        self._services = frozenset(services)
+
+    def forget_service(self, service: str) -> None:
+        """Remove every labelled series of a service that a reload removed."""
+        for key in [key for key in self._request_children if key[0] == service]:
+            del self._request_children[key]
+            self._requests.remove(key[0], key[1], f"{key[2]}xx")
+        if self._duration_children.pop(service, None) is not None:
+            self._request_duration.remove(service)
+        for error_key in [key for key in self._error_children if key[0] == service]:
+            del self._error_children[error_key]
+            self._upstream_errors.remove(*error_key)
+
+    def forget_pods(self, service: str, kept_indexes: Collection[int]) -> None:
+        """Remove the request series of the pods of `service` not in `kept_indexes`."""
+        for key in list(self._request_children):
+            name, pod, status_class = key
+            if name == service and pod and int(pod) not in kept_indexes:
+                del self._request_children[key]
+                self._requests.remove(name, pod, f"{status_class}xx")
 
     def observe_request(
         self, service: str, pod: int | None, status: int, duration_s: float

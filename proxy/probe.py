@@ -130,17 +130,27 @@ class HealthMonitor:
     ) -> None:
         self._service = service
         self._states = states
-        self._session = session
+        self.session = session
+        """The probe session; a reload that turns probes on sets it."""
         self._rng = rng or random.Random()
-        settings = service.settings
-        self._path = settings.health_check_path
-        self._expected = StatusRanges(settings.expected_statuses)
+        self._expected_entries = service.settings.expected_statuses
+        self._expected = StatusRanges(self._expected_entries)
         self.ready = asyncio.Event()
         """Set after the first round."""
 
     @property
     def probing(self) -> bool:
-        return bool(self._path) and self._session is not None
+        return bool(self._service.settings.health_check_path) and (
+            self.session is not None
+        )
+
+    def _expected_statuses(self) -> StatusRanges:
+        """Return the service's expected statuses, parsed again after a reload."""
+        entries = self._service.settings.expected_statuses
+        if entries != self._expected_entries:
+            self._expected = StatusRanges(entries)
+            self._expected_entries = entries
+        return self._expected
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Run rounds until `stopping` is set. Errors are logged and survived."""
@@ -201,15 +211,15 @@ class HealthMonitor:
         await asyncio.gather(*(self._probe_one(pod) for pod in pods))
 
     async def _probe_one(self, pod: Pod) -> None:
-        assert self._session is not None
+        assert self.session is not None
         settings = self._service.settings
         try:
             await probe(
-                self._session,
+                self.session,
                 pod,
-                self._path,
+                settings.health_check_path,
                 settings.health_timeout_s,
-                self._expected,
+                self._expected_statuses(),
             )
         except ProbeError as exc:
             logger.debug(

@@ -36,6 +36,8 @@ logger = logging.getLogger("stateful_route.rebalance")
 
 # UIDs shown per pod in a plan or a result.
 SAMPLE_SIZE = 10
+# Maximum wait between two turns of the loop, in seconds.
+TICK_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,13 +202,20 @@ class Rebalancer:
         return removed
 
     async def run(self, stopping: asyncio.Event) -> None:
-        """Rebalance the services with ``rebalance = true`` until `stopping`."""
-        services = [s for s in self._services.values() if s.settings.rebalance]
-        if not services:
-            return
+        """Rebalance the services with ``rebalance = true`` until `stopping`.
+
+        The services are looked up again every turn, and a turn comes at
+        least every `TICK_S`, so a reload that adds a service or turns
+        ``rebalance`` on takes effect within that time.
+        """
         loop = asyncio.get_running_loop()
-        next_run = {service.name: loop.time() for service in services}
+        next_run: dict[str, float] = {}
         while not stopping.is_set():
+            services = [s for s in self._services.values() if s.settings.rebalance]
+            next_run = {
+                service.name: next_run.get(service.name, loop.time())
+                for service in services
+            }
             for service in services:
                 if next_run[service.name] > loop.time():
                     continue
@@ -215,7 +224,8 @@ class Rebalancer:
                 )
                 for namespace in self._states.namespaces_of(service.name):
                     await self._run_logged(namespace, service)
-            wait_s = max(0.0, min(next_run.values()) - loop.time())
+            next_at = min(next_run.values(), default=loop.time() + TICK_S)
+            wait_s = min(TICK_S, max(0.0, next_at - loop.time()))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stopping.wait(), wait_s)
 

@@ -189,6 +189,7 @@ class RetryBudget:
         "requests",
         "retried",
         "service",
+        "settings",
     )
 
     def __init__(
@@ -202,6 +203,8 @@ class RetryBudget:
         if not window_s > 0:
             raise ValueError(f"invalid window_s {window_s!r}: expected > 0")
         self.service = service
+        self.settings = (percent, window_s, min_per_s)
+        """The arguments percent, window_s and min_per_s, for comparison."""
         self._share = percent / 100
         self._floor = min_per_s * window_s
         self._slot_s = window_s / _WINDOW_SLOTS

@@ -368,6 +368,13 @@ class Router:
             # the store logs outages itself.
             logger.debug("index update failed for uid=%s pod=%d: %s", uid, pod, exc)
 
+    def forget_service(self, service: str) -> None:
+        """Drop the health views and outage placements of a removed service."""
+        for view_key in [key for key in self._views if key[1] == service]:
+            del self._views[view_key]
+        for key in [key for key in self._degraded if key[1] == service]:
+            del self._degraded[key]
+
     async def wait_background(self) -> None:
         """Wait for pending index updates, before the store is closed."""
         if self._pending:

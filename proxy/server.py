@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
 import aiohttp
@@ -30,6 +31,7 @@ from proxy.metrics import Metrics
 from proxy.podside import PodAgent
 from proxy.probe import HealthMonitor, new_probe_session
 from proxy.rebalance import Rebalancer
+from proxy.reload import Reloader
 from proxy.routing import Router
 from proxy.services import Service, build_services
 from proxy.statetable import PodStates
@@ -73,9 +75,16 @@ class ProxyServer:
 
     :param config: the validated configuration.
     :param store: a store to use instead of the one `config` selects.
+    :param environ: the environment that reloads read overrides from; a
+        copy of ``os.environ`` as it is now when not given.
     """
 
-    def __init__(self, config: Config, store: LinkStore | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        store: LinkStore | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
         self.config = config
         self.store = store if store is not None else create_store(config.store)
         self.services: dict[str, Service] = build_services(config.services)
@@ -94,6 +103,11 @@ class ProxyServer:
         self._probe_session: aiohttp.ClientSession | None = None
         self._stopping = asyncio.Event()
         self._background: list[asyncio.Task[None]] = []
+        # The loops of each service stop on its own event, set when a reload
+        # removes the service or the proxy stops.
+        self._service_stopping: dict[str, asyncio.Event] = {}
+        self._service_tasks: dict[str, list[asyncio.Task[None]]] = {}
+        self.reloader = Reloader(self, os.environ if environ is None else environ)
         self.started_at = time.time()
         self._session: aiohttp.ClientSession | None = None
         self._forwarder: Forwarder | None = None
@@ -214,30 +228,64 @@ class ProxyServer:
 
     def _start_health(self) -> None:
         """Start the health loop, failover handler and observers of each service."""
-        settings = [service.settings for service in self.services.values()]
-        if any(service.health_check_path for service in settings):
-            self._probe_session = new_probe_session()
-        stopping = self._stopping
-        for name, service in self.services.items():
-            session = self._probe_session
-            if not service.settings.health_check_path:
-                session = None
-            monitor = HealthMonitor(service, self.states, session)
-            self.health_monitors[name] = monitor
-            counts = self.health_counts[name]
-            self._background_task(monitor.run(stopping), f"health-{name}")
-            self._background_task(self.failover[name].run(stopping), f"failover-{name}")
-            log_queue = service.health.subscribe()
+        for name in self.services:
+            self.start_service_loops(name)
+
+    def start_service_loops(self, name: str) -> None:
+        """Start the health loop, failover handler and observers of one service."""
+        service = self.services[name]
+        session = None
+        if service.settings.health_check_path:
+            session = self.probe_session()
+        stopping = asyncio.Event()
+        if self._stopping.is_set():
+            stopping.set()
+        self._service_stopping[name] = stopping
+        monitor = HealthMonitor(service, self.states, session)
+        self.health_monitors[name] = monitor
+        counts = self.health_counts[name]
+        log_queue = service.health.subscribe()
+        counts_queue = service.health.subscribe()
+        tasks = [
+            self._background_task(monitor.run(stopping), f"health-{name}"),
+            self._background_task(
+                self.failover[name].run(stopping), f"failover-{name}"
+            ),
             self._background_task(
                 log_transitions(log_queue, stopping), f"health-log-{name}"
-            )
-            counts_queue = service.health.subscribe()
+            ),
             self._background_task(
                 counts.run(counts_queue, stopping), f"health-counts-{name}"
-            )
+            ),
+        ]
+        self._service_tasks[name] = tasks
 
-    def _background_task(self, work: Coroutine[Any, Any, None], name: str) -> None:
-        self._background.append(asyncio.create_task(work, name=name))
+    async def stop_service_loops(self, name: str) -> None:
+        """Stop the loops of a service that a reload removed."""
+        self._service_stopping.pop(name).set()
+        tasks = self._service_tasks.pop(name)
+        await _finish_tasks(tasks, _BACKGROUND_STOP_S)
+        for task in tasks:
+            if task in self._background:
+                self._background.remove(task)
+
+    def probe_session(self) -> aiohttp.ClientSession:
+        """Return the session of health probes, creating it on first use."""
+        if self._probe_session is None:
+            self._probe_session = new_probe_session()
+        return self._probe_session
+
+    @property
+    def forwarder(self) -> Forwarder | None:
+        """The handler of the proxy port; None without services or before start."""
+        return self._forwarder
+
+    def _background_task(
+        self, work: Coroutine[Any, Any, None], name: str
+    ) -> asyncio.Task[None]:
+        task = asyncio.create_task(work, name=name)
+        self._background.append(task)
+        return task
 
     def log_started(self) -> None:
         """Log the one start-up line: addresses, store, services and pod role."""
@@ -289,6 +337,8 @@ class ProxyServer:
             await runner.cleanup()
 
         self._stopping.set()
+        for service_stopping in self._service_stopping.values():
+            service_stopping.set()
         await _finish_tasks(self._background, _BACKGROUND_STOP_S)
         await self.router.wait_background()
         if self._probe_session is not None:
@@ -324,8 +374,15 @@ def _bound_address(runner: web.BaseRunner) -> str:
     return ""
 
 
-async def serve(config: Config, stop_signals: Sequence[int] = ()) -> None:
-    """Run a proxy until one of `stop_signals` arrives, then stop it."""
+async def serve(
+    config: Config,
+    stop_signals: Sequence[int] = (),
+    reload_signals: Sequence[int] = (),
+) -> None:
+    """Run a proxy until one of `stop_signals` arrives, then stop it.
+
+    Each of `reload_signals` reloads the configuration file.
+    """
     server = ProxyServer(config)
     try:
         await server.start()
@@ -346,8 +403,21 @@ async def serve(config: Config, stop_signals: Sequence[int] = ()) -> None:
         logger.info("received %s, stopping", name)
         stopping.set()
 
+    reloads: set[asyncio.Task[None]] = set()
+
+    def on_reload_signal(number: int) -> None:
+        # Reloads wait for each other in the reloader, which also rejects
+        # one that arrives while the proxy stops.
+        task = asyncio.create_task(
+            server.reloader.reload_logged(signal.Signals(number).name)
+        )
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
     for number in stop_signals:
         loop.add_signal_handler(number, on_signal, number)
+    for number in reload_signals:
+        loop.add_signal_handler(number, on_reload_signal, number)
     server.log_started()
     try:
         await stopping.wait()
@@ -357,8 +427,10 @@ async def serve(config: Config, stop_signals: Sequence[int] = ()) -> None:
         try:
             await server.stop()
         finally:
-            for number in stop_signals:
+            for number in (*stop_signals, *reload_signals):
                 loop.remove_signal_handler(number)
+            await asyncio.gather(*reloads, return_exceptions=True)
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+RELOAD_SIGNALS = (signal.SIGHUP,)

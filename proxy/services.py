@@ -39,13 +39,37 @@ class Service:
             self.placement = ConsistentHash(settings, self.stats)
         self._static: tuple[Pod, ...] | None = None
         self._by_namespace: dict[str, tuple[Pod, ...]] = {}
+        self._compute_pods()
+
+    def _compute_pods(self) -> None:
+        settings = self.settings
+        self._static = None
+        by_namespace = {}
         if settings.pods:
             self._static = _numbered(settings.addresses(""))
         # Registry pods come from the state records, so there are no
         # addresses to compute, and `namespaces` only limits what is served.
         if not settings.uses_registry:
             for namespace in settings.namespaces:
-                self._by_namespace[namespace] = _numbered(settings.addresses(namespace))
+                by_namespace[namespace] = _numbered(settings.addresses(namespace))
+        self._by_namespace = by_namespace
+
+    def reconfigure(self, settings: ServiceSettings) -> None:
+        """Apply new settings of this service, as a reload does.
+
+        The strategy is rebuilt, which loses only its own position, such as
+        a rotation counter. The measurements and the health table stay, so
+        pods that stay keep their health state, ejections and slow start.
+        """
+        self.settings = settings
+        self.stats.decay_s = settings.ewma_decay_s
+        self.health.configure(settings)
+        self.strategy = build_strategy(settings, self.stats)
+        if isinstance(self.strategy, ConsistentHash):
+            self.placement = self.strategy
+        else:
+            self.placement = ConsistentHash(settings, self.stats)
+        self._compute_pods()
 
     def pods(self, namespace: str) -> tuple[Pod, ...] | None:
         """Return the pods serving `namespace`, or None when it is not served.

@@ -108,6 +108,11 @@ class PodStates:
         async with self._refresh_lock:
             now = self._clock()
             for key, entry in list(self._entries.items()):
+                if key[1] not in self._services:
+                    # A request that was loading it when a reload removed
+                    # the service put it back.
+                    del self._entries[key]
+                    continue
                 if entry.used:
                     entry.used = False
                     entry.last_used_ms = now
@@ -129,16 +134,46 @@ class PodStates:
 
     async def _refresh_entry(self, key: tuple[str, str], entry: _Entry) -> None:
         namespace, name = key
-        service = self._services[name]
+        service = self._services.get(name)
+        if service is None:
+            return  # removed by a reload while earlier entries were read
         try:
             fresh = await self._read(namespace, service)
         except StoreError:
             # The store logs the outage; keep judging on the last records.
             entry.next_refresh_ms = self._clock() + self._period_ms(service)
             return
+        if self._services.get(name) is not service:
+            return  # a reload removed or replaced the service during the read
         fresh.last_used_ms = entry.last_used_ms
         self._log_changes(entry, fresh)
         self._entries[key] = fresh
+
+    def forget(self, service: str) -> None:
+        """Drop every entry of `service`, which a reload removed."""
+        for key in [key for key in self._entries if key[1] == service]:
+            del self._entries[key]
+
+    def rebuild(self, service: str) -> None:
+        """Rebuild the pod sets of `service` from the records read last.
+
+        For a reload that changed the service's pods or settings. Nothing is
+        read from the store, so it works during an outage too. Entries of
+        namespaces that the service no longer serves are dropped.
+        """
+        current = self._services[service]
+        settings = current.settings
+        now = self._clock()
+        for key, entry in list(self._entries.items()):
+            namespace, name = key
+            if name != service:
+                continue
+            if not settings.serves(namespace):
+                del self._entries[key]
+                continue
+            entry.pod_set = build_pod_set(
+                settings, namespace, current.pods(namespace), entry.records, now
+            )
 
     async def _read(self, namespace: str, service: Service) -> _Entry:
         raw = await self._store.read_pod_states(namespace, service.name)

@@ -452,3 +452,21 @@ def test_pod_port_must_differ_from_proxy_port() -> None:
     problems = problems_of(document)
 
     assert problems == ["pod.port = 8000: the same port as proxy.port"]
+
+
+def test_admin_port_must_differ_from_proxy_port() -> None:
+    problems = problems_of(minimal(proxy={"port": 9000}, admin={"port": 9000}))
+
+    assert problems == ["admin.port = 9000: the same port as proxy.port"]
+
+
+def test_admin_port_checked_beside_broken_service() -> None:
+    document = minimal(proxy={"port": 9000}, admin={"port": 9000})
+    document["services"]["game"]["colour"] = "blue"
+
+    problems = problems_of(document)
+
+    assert problems == [
+        "services.game.colour: unknown key",
+        "admin.port = 9000: the same port as proxy.port",
+    ]

@@ -598,19 +598,27 @@ def _template_problem(exc: Exception) -> str:
 
 def _check_redis_url(url: str) -> list[str]:
     """Return the problems of `store.redis_url`, empty when it is usable."""
-    if url.startswith(("redis+cluster://", "rediss+cluster://")):
+    cluster = url.startswith(("redis+cluster://", "rediss+cluster://"))
+    sentinel = url.startswith(("redis+sentinel://", "rediss+sentinel://"))
+    if cluster or sentinel:
         # Imported here so that loading a config does not import redis-py.
-        from proxy.store.redis import parse_cluster_url
+        from proxy.store.redis import parse_cluster_url, parse_sentinel_url
 
         try:
-            parse_cluster_url(url)
+            if cluster:
+                parse_cluster_url(url)
+            else:
+                parse_sentinel_url(url)
         except ValueError as error:
             return [f"store.redis_url: {error}"]
         return []
     if not url.startswith(("redis://", "rediss://", "unix://")):
+        scheme, separator, _ = url.partition("://")
+        found = f"the scheme {scheme!r}" if separator else "no scheme"
         return [
             "store.redis_url: expected a redis://, rediss://, unix://, "
-            "redis+cluster:// or rediss+cluster:// URL"
+            "redis+cluster://, rediss+cluster://, redis+sentinel:// or "
+            f"rediss+sentinel:// URL, got {found}"
         ]
     return []
 

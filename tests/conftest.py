@@ -2,7 +2,10 @@
 
 The session-wide `redis_server` is never stopped by a test. Tests that stop
 or pause Redis use `private_redis_server`, which starts a server of their own.
-The session-wide `redis_cluster` is a Redis Cluster of three primaries.
+The session-wide `redis_cluster` is a Redis Cluster of three primaries, and
+`redis_sentinel` a primary with one replica, monitored by three Sentinels.
+Tests that kill a primary use `replicated_cluster`, a cluster with a replica
+per primary, or `private_redis_sentinel` instead.
 """
 
 from __future__ import annotations
@@ -32,6 +35,14 @@ CLUSTER_READY_TIMEOUT_S = 20.0
 CLUSTER_BUS_PORT_OFFSET = 10000
 CLUSTER_MAX_PORT = 65535 - CLUSTER_BUS_PORT_OFFSET
 CLUSTER_PORT_ATTEMPTS = 100
+SENTINEL_COUNT = 3
+SENTINEL_QUORUM = 2
+SENTINEL_PRIMARY_NAME = "routes"
+# Short, so that a failover completes within seconds. Sentinel finds a
+# primary down after this many milliseconds without a reply to PING.
+SENTINEL_DOWN_AFTER_MS = 1000
+SENTINEL_FAILOVER_TIMEOUT_MS = 5000
+SENTINEL_READY_TIMEOUT_S = 20.0
 
 
 def free_port(host: str = LOOPBACK) -> int:
@@ -95,14 +106,9 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://{LOOPBACK}:{self.port}/0"
 
-    def start(self) -> None:
-        """Start the server and wait until it replies to PING."""
-        executable = shutil.which("redis-server")
-        if executable is None:
-            pytest.fail(
-                "redis-server not found: install it with `apt-get install redis-server`"
-            )
-        command = [
+    def command(self, executable: str) -> list[str]:
+        """Return the redis-server command line of this server."""
+        return [
             executable,
             "--bind",
             LOOPBACK,
@@ -116,9 +122,17 @@ class RedisServer:
             str(self.directory),
             *self.extra_args,
         ]
+
+    def start(self) -> None:
+        """Start the server and wait until it replies to PING."""
+        executable = shutil.which("redis-server")
+        if executable is None:
+            pytest.fail(
+                "redis-server not found: install it with `apt-get install redis-server`"
+            )
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT
+                self.command(executable), stdout=log, stderr=subprocess.STDOUT
             )
 
         deadline = time.monotonic() + REDIS_START_TIMEOUT_S
@@ -135,6 +149,14 @@ class RedisServer:
                     f"{REDIS_START_TIMEOUT_S} s: {self._log_tail()}"
                 )
             time.sleep(0.02)
+
+    def kill(self) -> None:
+        """Kill the server with SIGKILL, as a crash would end it."""
+        process = self.process
+        assert process is not None, "redis-server is not running"
+        self.process = None
+        process.kill()
+        process.wait(REDIS_STOP_TIMEOUT_S)
 
     def stop(self) -> None:
         """Terminate the server, and kill it if it does not exit in time."""
@@ -169,14 +191,22 @@ class RedisServer:
 
 
 class RedisCluster:
-    """A Redis Cluster of `CLUSTER_PRIMARIES` primaries on 127.0.0.1, no replicas.
+    """A Redis Cluster of `CLUSTER_PRIMARIES` primaries on 127.0.0.1.
 
     :param directory: working directory of the nodes, for their logs and
         cluster config files.
+    :param replicas: replicas of each primary.
+    :param node_timeout_ms: ``cluster-node-timeout``, after which the
+        replicas of an unreachable primary start a failover; None keeps the
+        redis-server default of 15 s.
     """
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(
+        self, directory: Path, replicas: int = 0, node_timeout_ms: int | None = None
+    ) -> None:
         self.directory = directory
+        self.replicas = replicas
+        self.node_timeout_ms = node_timeout_ms
         self.nodes: list[RedisServer] = []
 
     @property
@@ -192,26 +222,25 @@ class RedisCluster:
                 "redis-cli not found: install it with `apt-get install redis-tools` "
                 "(Debian's redis-server package depends on it)"
             )
-        for _ in range(CLUSTER_PRIMARIES):
+        for _ in range(CLUSTER_PRIMARIES * (1 + self.replicas)):
             port = free_cluster_port()
             node_directory = self.directory / f"node-{port}"
             node_directory.mkdir()
-            node = RedisServer(
-                node_directory,
-                port,
-                [
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    str(node_directory / f"nodes-{port}.conf"),
-                ],
-            )
+            options = [
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                str(node_directory / f"nodes-{port}.conf"),
+            ]
+            if self.node_timeout_ms is not None:
+                options += ["--cluster-node-timeout", str(self.node_timeout_ms)]
+            node = RedisServer(node_directory, port, options)
             self.nodes.append(node)
             node.start()
 
         addresses = [f"{LOOPBACK}:{node.port}" for node in self.nodes]
         command = [redis_cli, "--cluster", "create", *addresses]
-        command += ["--cluster-replicas", "0", "--cluster-yes"]
+        command += ["--cluster-replicas", str(self.replicas), "--cluster-yes"]
         try:
             created = subprocess.run(
                 command,
@@ -256,16 +285,200 @@ class RedisCluster:
                 )
             time.sleep(0.05)
 
+    def replicas_of(self) -> dict[int, list[int]]:
+        """Return the ports of the replicas of each primary, by primary port.
+
+        Read from CLUSTER NODES of the first node that replies, so a killed
+        node is skipped.
+        """
+        for node in self.nodes:
+            if node.process is None:
+                continue
+            lines = redis_cli_output(node.port, "cluster", "nodes").splitlines()
+            if lines:
+                break
+        else:
+            pytest.fail("no Redis Cluster node replied to CLUSTER NODES")
+        ports: dict[str, int] = {}
+        primaries: dict[str, str] = {}
+        for line in lines:
+            # <id> <ip:port@bus-port> <flags> <primary id or -> ...
+            fields = line.split()
+            ports[fields[0]] = int(fields[1].split("@")[0].rpartition(":")[2])
+            flags = fields[2].split(",")
+            if "master" in flags and "fail" not in flags:
+                primaries.setdefault(fields[0], fields[0])
+            elif "slave" in flags:
+                primaries[fields[0]] = fields[3]
+        replicas: dict[int, list[int]] = {}
+        for node_id, primary_id in primaries.items():
+            primary_port = ports[primary_id]
+            replicas.setdefault(primary_port, [])
+            if node_id != primary_id:
+                replicas[primary_port].append(ports[node_id])
+        return replicas
+
+    def node(self, port: int) -> RedisServer:
+        """Return the node that listens on `port`."""
+        for node in self.nodes:
+            if node.port == port:
+                return node
+        raise KeyError(port)
+
     def stop(self) -> None:
         """Stop every node that `start()` started."""
         for node in self.nodes:
             node.stop()
 
 
+def _redis_cli() -> str:
+    redis_cli = shutil.which("redis-cli")
+    if redis_cli is None:
+        pytest.fail(
+            "redis-cli not found: install it with `apt-get install redis-tools` "
+            "(Debian's redis-server package depends on it)"
+        )
+    return redis_cli
+
+
+def redis_cli_output(port: int, *arguments: str) -> str:
+    """Run one redis-cli command against loopback `port` and return its output."""
+    completed = subprocess.run(
+        [_redis_cli(), "-h", LOOPBACK, "-p", str(port), *arguments],
+        capture_output=True,
+        text=True,
+        timeout=REDIS_STOP_TIMEOUT_S,
+        check=False,
+    )
+    return completed.stdout
+
+
+class SentinelProcess(RedisServer):
+    """A ``redis-server --sentinel`` process that monitors one primary.
+
+    Sentinel rewrites its configuration file, so each process gets its own.
+    """
+
+    def __init__(self, directory: Path, port: int, primary_port: int) -> None:
+        super().__init__(directory, port)
+        self.config_path = directory / "sentinel.conf"
+        name = SENTINEL_PRIMARY_NAME
+        self.config_path.write_text(
+            f"port {port}\n"
+            f"bind {LOOPBACK}\n"
+            f"dir {directory}\n"
+            f"sentinel monitor {name} {LOOPBACK} {primary_port} {SENTINEL_QUORUM}\n"
+            f"sentinel down-after-milliseconds {name} {SENTINEL_DOWN_AFTER_MS}\n"
+            f"sentinel failover-timeout {name} {SENTINEL_FAILOVER_TIMEOUT_MS}\n"
+            f"sentinel parallel-syncs {name} 1\n"
+        )
+
+    def command(self, executable: str) -> list[str]:
+        return [executable, str(self.config_path), "--sentinel"]
+
+
+class RedisSentinelSet:
+    """A primary, one replica and `SENTINEL_COUNT` Sentinels on 127.0.0.1.
+
+    :param directory: working directory of the processes, for their logs
+        and the Sentinel configuration files.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.primary = RedisServer(self._mkdir("primary"), free_port())
+        self.replica = RedisServer(
+            self._mkdir("replica"),
+            free_port(),
+            ["--replicaof", LOOPBACK, str(self.primary.port)],
+        )
+        self.sentinels = [
+            SentinelProcess(self._mkdir(f"sentinel-{number}"), port, self.primary.port)
+            for number, port in enumerate(free_port() for _ in range(SENTINEL_COUNT))
+        ]
+
+    def _mkdir(self, name: str) -> Path:
+        path = self.directory / name
+        path.mkdir()
+        return path
+
+    @property
+    def url(self) -> str:
+        addresses = ",".join(f"{LOOPBACK}:{node.port}" for node in self.sentinels)
+        return f"redis+sentinel://{addresses}/{SENTINEL_PRIMARY_NAME}/0"
+
+    def start(self) -> None:
+        """Start every process and wait until each Sentinel sees the whole set."""
+        self.primary.start()
+        self.replica.start()
+        for sentinel in self.sentinels:
+            sentinel.start()
+        for sentinel in self.sentinels:
+            self._wait_until_discovered(sentinel)
+
+    def _wait_until_discovered(self, sentinel: SentinelProcess) -> None:
+        """Wait until `sentinel` knows the replica and the other Sentinels.
+
+        A failover needs a majority of Sentinels that know each other.
+        """
+        deadline = time.monotonic() + SENTINEL_READY_TIMEOUT_S
+        expected = {
+            "num-slaves": "1",
+            "num-other-sentinels": str(SENTINEL_COUNT - 1),
+        }
+        while True:
+            output = redis_cli_output(
+                sentinel.port, "sentinel", "master", SENTINEL_PRIMARY_NAME
+            )
+            lines = output.split()
+            state = dict(zip(lines[0::2], lines[1::2], strict=False))
+            if all(state.get(key) == value for key, value in expected.items()):
+                return
+            if time.monotonic() > deadline:
+                pytest.fail(
+                    f"Sentinel on port {sentinel.port} did not see one replica and "
+                    f"{SENTINEL_COUNT - 1} other Sentinels within "
+                    f"{SENTINEL_READY_TIMEOUT_S} s: {output.strip()!r}"
+                )
+            time.sleep(0.1)
+
+    def primary_port(self) -> int | None:
+        """Return the port of the primary that the first Sentinel reports."""
+        output = redis_cli_output(
+            self.sentinels[0].port,
+            "sentinel",
+            "get-master-addr-by-name",
+            SENTINEL_PRIMARY_NAME,
+        ).split()
+        if len(output) != 2 or not output[1].isdigit():
+            return None
+        return int(output[1])
+
+    def stop(self) -> None:
+        """Stop every process that `start()` started."""
+        for server in [*self.sentinels, self.replica, self.primary]:
+            server.stop()
+
+
 @pytest.fixture(scope="session")
 def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
     """A Redis Cluster shared by the whole session; tests never stop it."""
     cluster = RedisCluster(tmp_path_factory.mktemp("redis-cluster"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def replicated_cluster(tmp_path: Path) -> Iterator[RedisCluster]:
+    """A Redis Cluster of one test with a replica per primary, which it may kill.
+
+    The 1 s node timeout lets a replica take over within seconds.
+    """
+    cluster = RedisCluster(tmp_path / "cluster", replicas=1, node_timeout_ms=1000)
+    cluster.directory.mkdir()
     try:
         cluster.start()
         yield cluster
@@ -300,6 +513,46 @@ async def cluster_store(
     It depends on `cluster_clients` for the FLUSHALL.
     """
     store = RedisStore(redis_cluster.url)
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[RedisSentinelSet]:
+    """A Sentinel-monitored primary shared by the session; tests never stop it."""
+    sentinel_set = RedisSentinelSet(tmp_path_factory.mktemp("redis-sentinel"))
+    try:
+        sentinel_set.start()
+        yield sentinel_set
+    finally:
+        sentinel_set.stop()
+
+
+@pytest.fixture
+def private_redis_sentinel(tmp_path: Path) -> Iterator[RedisSentinelSet]:
+    """A Sentinel-monitored primary of one test, which may kill its processes."""
+    sentinel_set = RedisSentinelSet(tmp_path)
+    try:
+        sentinel_set.start()
+        yield sentinel_set
+    finally:
+        sentinel_set.stop()
+
+
+@pytest.fixture
+async def sentinel_store(
+    redis_sentinel: RedisSentinelSet,
+) -> AsyncIterator[RedisStore]:
+    """A RedisStore on the shared Sentinel set, whose database starts empty."""
+    async with redis.asyncio.Redis(
+        host=LOOPBACK, port=redis_sentinel.primary.port
+    ) as client:
+        await client.flushall()
+    store = RedisStore(redis_sentinel.url)
     try:
         yield store
     finally:
@@ -387,7 +640,7 @@ async def memory_store() -> AsyncIterator[MemoryStore]:
         await store.close()
 
 
-@pytest.fixture(params=["memory", "redis", "cluster"])
+@pytest.fixture(params=["memory", "redis", "cluster", "sentinel"])
 def store(request: pytest.FixtureRequest) -> LinkStore:
     """Each link store in turn, for tests of the behaviour that both share."""
     selected: LinkStore = request.getfixturevalue(f"{request.param}_store")

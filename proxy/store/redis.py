@@ -15,13 +15,16 @@ import math
 import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis.asyncio
 from redis.asyncio.cluster import ClusterNode
+from redis.asyncio.connection import BlockingConnectionPool
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import (
     ClusterDownError,
     MaxConnectionsError,
@@ -84,6 +87,15 @@ _UNAVAILABLE_ERRORS = (
 )
 # URL schemes of a Redis Cluster, with TLS for the second.
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+# URL schemes of a primary that Redis Sentinel monitors, with TLS for the
+# second.
+SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
+# Query parameters of a Sentinel URL: credentials of the Sentinel processes,
+# which may differ from those of the primary.
+_SENTINEL_QUERY = ("sentinel_username", "sentinel_password")
+# Accepted primary names: letters, digits and ._-, so that a name needs no
+# escaping, neither in the URL nor in a `sentinel monitor` line.
+_PRIMARY_NAME_RE = re.compile(r"[A-Za-z0-9._-]+")
 
 # A pod index as this store and the Java routers write it. Python's
 # str.isdigit() would also accept non-ASCII digits, so match explicitly. The
@@ -108,7 +120,7 @@ def mask_password(url: str) -> str:
         user_info, _, host = netloc.rpartition("@")
         username = user_info.partition(":")[0]
         netloc = f"{username}:***@{host}"
-    query = re.sub(r"(^|&)password=[^&]*", r"\1password=***", parts.query)
+    query = re.sub(r"(^|&)((?:sentinel_)?password)=[^&]*", r"\1\2=***", parts.query)
     # Built by hand because urlunsplit() turns unix:///path into unix:/path.
     masked = f"{parts.scheme}://{netloc}{parts.path}"
     if query:
@@ -139,21 +151,114 @@ def parse_cluster_url(url: str) -> tuple[list[ClusterNode], dict[str, Any]]:
         )
     user_info, _, hosts = parts.netloc.rpartition("@")
     options: dict[str, Any] = {"ssl": parts.scheme == "rediss+cluster"}
-    if user_info:
-        username, _, password = user_info.partition(":")
-        options["username"] = unquote(username) or None
-        options["password"] = unquote(password) or None
-    nodes: list[ClusterNode] = []
+    options.update(_user_options(user_info))
+    addresses = _parse_addresses(url, "Redis Cluster", hosts)
+    return [ClusterNode(host, port) for host, port in addresses], options
+
+
+def _parse_addresses(url: str, kind: str, hosts: str) -> list[tuple[str, int]]:
+    """Parse the comma-separated host:port list of a Cluster or Sentinel URL."""
+    addresses: list[tuple[str, int]] = []
     for address in hosts.split(","):
         host, _, port = address.rpartition(":")
         host = host.removeprefix("[").removesuffix("]")
         if not host or not port.isascii() or not port.isdigit():
             raise ValueError(
-                f"invalid Redis Cluster URL {mask_password(url)!r}: expected "
+                f"invalid {kind} URL {mask_password(url)!r}: expected "
                 f"host:port, got {address!r}"
             )
-        nodes.append(ClusterNode(host, int(port)))
-    return nodes, options
+        addresses.append((host, int(port)))
+    return addresses
+
+
+def _user_options(user_info: str) -> dict[str, Any]:
+    """Return the username and password of the user info of a URL."""
+    if not user_info:
+        return {}
+    username, _, password = user_info.partition(":")
+    return {
+        "username": unquote(username) or None,
+        "password": unquote(password) or None,
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class SentinelTarget:
+    """The parts of a ``redis+sentinel://`` URL.
+
+    `options` apply to the connections to the primary (``username``,
+    ``password``, ``db`` and ``ssl``), `sentinel_options` to those to the
+    Sentinel processes (``ssl`` and the credentials of the query).
+    """
+
+    sentinels: list[tuple[str, int]]
+    primary: str
+    options: dict[str, Any]
+    sentinel_options: dict[str, Any]
+
+
+def parse_sentinel_url(url: str) -> SentinelTarget:
+    """Parse a ``redis+sentinel://`` or ``rediss+sentinel://`` URL.
+
+    The form is ``redis+sentinel://[user:password@]host:port[,host:port...]
+    /primary[/db][?sentinel_username=...&sentinel_password=...]``: the
+    addresses of the Sentinel processes, the name under which they monitor
+    the primary, and its database, 0 by default. The user info
+    authenticates to the primary and its replicas, the query to the
+    Sentinels. Raises ValueError on an invalid URL.
+    """
+    kind = "Redis Sentinel"
+    parts = urlsplit(url)
+    if parts.scheme not in SENTINEL_SCHEMES:
+        raise ValueError(
+            f"invalid {kind} URL {mask_password(url)!r}: expected the scheme "
+            "redis+sentinel:// or rediss+sentinel://"
+        )
+    if parts.fragment:
+        raise ValueError(
+            f"invalid {kind} URL {mask_password(url)!r}: expected no fragment"
+        )
+    user_info, _, hosts = parts.netloc.rpartition("@")
+    sentinels = _parse_addresses(url, kind, hosts)
+
+    segments = parts.path.removeprefix("/").removesuffix("/").split("/")
+    primary = unquote(segments[0])
+    if _PRIMARY_NAME_RE.fullmatch(primary) is None:
+        raise ValueError(
+            f"invalid {kind} URL {mask_password(url)!r}: expected the primary "
+            f"name after the addresses, as in host:port/mymaster, got {primary!r}"
+        )
+    database = segments[1] if len(segments) > 1 else "0"
+    if len(segments) > 2 or not database.isascii() or not database.isdigit():
+        raise ValueError(
+            f"invalid {kind} URL {mask_password(url)!r}: expected "
+            f"/primary or /primary/db with a decimal db, got {parts.path!r}"
+        )
+
+    tls = parts.scheme == "rediss+sentinel"
+    options: dict[str, Any] = {"db": int(database), "ssl": tls}
+    options.update(_user_options(user_info))
+    sentinel_options: dict[str, Any] = {"ssl": tls}
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        if name not in _SENTINEL_QUERY:
+            allowed = " and ".join(_SENTINEL_QUERY)
+            raise ValueError(
+                f"invalid {kind} URL {mask_password(url)!r}: unknown query "
+                f"parameter {name!r}, expected only {allowed}"
+            )
+        sentinel_options[name.removeprefix("sentinel_")] = value or None
+    return SentinelTarget(sentinels, primary, options, sentinel_options)
+
+
+class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
+    """A blocking pool of connections to the primary that Sentinel reports.
+
+    Like `BlockingConnectionPool`, it makes a request wait up to its
+    ``timeout`` for a free connection. Like `SentinelConnectionPool`, it
+    queries the Sentinels for the primary's address on every new
+    connection, so connections made after a failover reach the promoted
+    replica.
+    """
 
 
 def _milliseconds(seconds: float) -> int:
@@ -195,7 +300,9 @@ class RedisStore:
     :param url: ``redis://``, ``rediss://`` or ``unix://`` URL, as redis-py
         parses it; its query string may set further connection options. A
         ``redis+cluster://`` or ``rediss+cluster://`` URL selects Redis
-        Cluster, as `parse_cluster_url` describes.
+        Cluster, as `parse_cluster_url` describes, and a
+        ``redis+sentinel://`` or ``rediss+sentinel://`` URL a primary that
+        Redis Sentinel monitors, as `parse_sentinel_url` describes.
     :param timeout_s: seconds to wait for a reply, and for a free pooled
         connection.
     :param connect_timeout_s: seconds to wait for a TCP connection.
@@ -204,6 +311,9 @@ class RedisStore:
         most 0.1 s.
     :param max_connections: size of the connection pool; on Redis Cluster,
         of the pool of each node.
+
+    Sentinel connections use `timeout_s` and `connect_timeout_s` too, but
+    no retries.
     """
 
     backend = "redis"
@@ -230,6 +340,8 @@ class RedisStore:
                 f"invalid max_connections {max_connections!r}: expected >= 1"
             )
         self._url = mask_password(url)
+        self._max_connections = max_connections
+        self._timeout_s = timeout_s
 
         # NOTE: a write retried after a timeout may already have run once,
         # so set() can then return the pod it wrote itself as the previous
@@ -239,8 +351,14 @@ class RedisStore:
             retries,
         )
         self._client: redis.asyncio.Redis | redis.asyncio.RedisCluster
-        self.cluster = urlsplit(url).scheme in CLUSTER_SCHEMES
-        if self.cluster:
+        self._sentinel: Sentinel | None = None
+        scheme = urlsplit(url).scheme
+        self.cluster = scheme in CLUSTER_SCHEMES
+        if scheme in SENTINEL_SCHEMES:
+            self._client = self._sentinel_client(
+                parse_sentinel_url(url), retry, connect_timeout_s
+            )
+        elif self.cluster:
             nodes, options = parse_cluster_url(url)
             # NOTE: redis-py's cluster client has no blocking pool, so a
             # burst of more than max_connections requests to one node fails
@@ -295,11 +413,44 @@ class RedisStore:
         self._failed_calls = 0
         self._last_probe = 0.0
         self._outage_reason = ""
-        self._max_connections = max_connections
-        self._timeout_s = timeout_s
         # Called after every round trip, including the calls that fail at
         # once during an outage.
         self.observer: StoreObserver | None = None
+
+    def _sentinel_client(
+        self, target: SentinelTarget, retry: Retry, connect_timeout_s: float
+    ) -> redis.asyncio.Redis:
+        """Build a client of the primary that the Sentinels of `target` name.
+
+        Every new connection queries the Sentinels for the primary's address,
+        and a connection to a demoted primary, which replies READONLY, is
+        closed, so the retries after a failover reach the promoted replica.
+        """
+        # A Sentinel that is down costs one connect timeout, with no retry,
+        # before the next one is asked. Sentinel.__init__ has no annotations
+        # in redis-py 8.1.
+        self._sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            target.sentinels,
+            sentinel_kwargs={
+                "socket_timeout": self._timeout_s,
+                "socket_connect_timeout": connect_timeout_s,
+                "retry": Retry(NoBackoff(), 0),
+                "decode_responses": True,
+                **target.sentinel_options,
+            },
+        )
+        client: redis.asyncio.Redis = self._sentinel.master_for(
+            target.primary,
+            connection_pool_class=_BlockingSentinelPool,
+            max_connections=self._max_connections,
+            timeout=self._timeout_s,
+            socket_timeout=self._timeout_s,
+            socket_connect_timeout=connect_timeout_s,
+            retry=retry,
+            decode_responses=True,
+            **target.options,
+        )
+        return client
 
     def describe(self) -> str:
         """Return the Redis URL with its password masked, for logs."""
@@ -705,6 +856,8 @@ class RedisStore:
 
     async def close(self) -> None:
         await self._client.aclose()
+        if self._sentinel is not None:
+            await self._sentinel.aclose()
 
     @staticmethod
     def _link_keys(namespace: str, uid: str, service: str) -> list[str]:

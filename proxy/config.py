@@ -10,6 +10,7 @@ sections ``proxy``, ``admin``, ``store`` and ``log``.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
 import re
@@ -70,6 +71,18 @@ class ProxySettings:
     shutdown_timeout_s: float = _setting(10.0, low=0)
     upstream_connections_per_pod: int = _setting(256, low=1)
     upstream_idle_timeout_s: float = _setting(30.0, above=0)
+    # Limits and timeouts of client requests, described in docs/http.md.
+    max_request_line_bytes: int = _setting(16384, low=256, high=1024 * 1024)
+    max_header_field_bytes: int = _setting(32768, low=256, high=1024 * 1024)
+    max_header_bytes: int = _setting(65536, low=256, high=16 * 1024 * 1024)
+    max_header_count: int = _setting(128, low=8, high=10_000)
+    # 0 turns the body limit off.
+    max_body_bytes: int = _setting(1024**3, low=0)
+    header_timeout_s: float = _setting(15.0, above=0)
+    body_timeout_s: float = _setting(30.0, above=0)
+    keepalive_timeout_s: float = _setting(75.0, above=0)
+    # Peers, as CIDR networks, whose X-Forwarded-* headers are kept.
+    trusted_proxies: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -219,6 +232,9 @@ class PodSettings:
     cpu_factor: float = _setting(0.7, low=0, high=1)
     connect_timeout_s: float = _setting(2.0, above=0)
     read_timeout_s: float = _setting(30.0, above=0)
+    # Routers whose X-Forwarded-For chain the application gets, extended by
+    # the router's address; from other peers the chain is replaced.
+    trusted_proxies: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -411,6 +427,9 @@ def _parse_environment_value(raw: str, kind: Any) -> Any:
         return int(raw)
     if kind is float:
         return float(raw)
+    if typing.get_origin(kind) is tuple:
+        # A list of strings, such as proxy.trusted_proxies, separated by commas.
+        return [item.strip() for item in raw.split(",") if item.strip()]
     return raw
 
 
@@ -671,6 +690,7 @@ def _check_cross_section(
                     f"proxy.{name} = {value!r}: the same header as proxy.{other}"
                 )
     if pod is not None:
+        _check_networks("pod.trusted_proxies", pod.trusted_proxies, problems)
         listeners = {"admin.port": admin.port if admin.enabled else 0}
         if services:
             listeners["proxy.port"] = proxy.port
@@ -682,6 +702,7 @@ def _check_cross_section(
     opens_proxy_port = bool(services) or (declared and pod is None)
     if opens_proxy_port and admin.enabled and admin.port == proxy.port != 0:
         problems.append(f"admin.port = {admin.port}: the same port as proxy.port")
+    _check_request_limits(proxy, problems)
     if store.local_cache_ttl_s >= store.temporary_link_ttl_s:
         problems.append(
             f"store.local_cache_ttl_s = {store.local_cache_ttl_s:g}: must be "
@@ -694,6 +715,27 @@ def _check_cross_section(
         problems.append(
             "no services: add at least one [services.NAME] section or a [pod] section"
         )
+
+
+def _check_networks(key: str, cidrs: tuple[str, ...], problems: list[str]) -> None:
+    for cidr in cidrs:
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            problems.append(
+                f"{key}: {cidr!r} is not an IP address or CIDR "
+                "network such as 10.0.0.0/8"
+            )
+
+
+def _check_request_limits(proxy: ProxySettings, problems: list[str]) -> None:
+    _check_networks("proxy.trusted_proxies", proxy.trusted_proxies, problems)
+    for name in ("max_request_line_bytes", "max_header_field_bytes"):
+        if getattr(proxy, name) > proxy.max_header_bytes:
+            problems.append(
+                f"proxy.{name} = {getattr(proxy, name)}: must be <= "
+                f"proxy.max_header_bytes ({proxy.max_header_bytes})"
+            )
 
 
 def _expected_name(kind: Any) -> str:

@@ -37,6 +37,13 @@ from proxy.errors import (
     StoreDataError,
     StoreUnavailableError,
 )
+from proxy.inbound import (
+    GuardedBody,
+    Limits,
+    RequestRejected,
+    closing_error,
+    parse_networks,
+)
 from proxy.inflight import InFlight
 from proxy.metrics import Metrics
 from proxy.names import dns_label_problem, uid_problem
@@ -103,6 +110,8 @@ class Forwarder:
         self._router = router
         self._states = states
         self._relay = Relay(session, config.proxy.routed_pod_header)
+        self._limits = Limits.from_settings(config.proxy)
+        self._trusted = parse_networks(config.proxy.trusted_proxies)
         self._timeouts = {name: _timeout(service) for name, service in services.items()}
         self._budgets = {name: _budget(service) for name, service in services.items()}
         self.in_flight = InFlight()
@@ -115,6 +124,7 @@ class Forwarder:
         Requests in flight keep the timeout they started with.
         """
         self._proxy = config.proxy
+        self._trusted = parse_networks(config.proxy.trusted_proxies)
         self._timeouts = {
             name: _timeout(service) for name, service in self._services.items()
         }
@@ -221,10 +231,16 @@ class Forwarder:
         if rejected is not None:
             logger.info("rejected an Expect header with 417 %s", format_ids(ids))
             return rejected
+        guard = GuardedBody(request.content, self._limits)
         try:
             body = await read_body(
-                request, settings.retry_buffer_bytes, settings.retry_attempts > 0
+                request,
+                settings.retry_buffer_bytes,
+                settings.retry_attempts > 0,
+                guard,
             )
+        except RequestRejected as exc:
+            return _body_rejected(request, exc, ids)
         except (
             asyncio.IncompleteReadError,
             ConnectionError,
@@ -242,7 +258,7 @@ class Forwarder:
                 400, "invalid_body", "the request body ended early or is invalid"
             )
         return await self._relay_with_retries(
-            request, namespace, service, pod_set, uid, route, body, ids
+            request, namespace, service, pod_set, uid, route, body, guard, ids
         )
 
     async def _relay_with_retries(
@@ -254,6 +270,7 @@ class Forwarder:
         uid: str | None,
         route: Route,
         body: RequestBody,
+        guard: GuardedBody,
         ids: dict[str, Any],
     ) -> web.StreamResponse:
         """Send attempts until a pod responds or no retry is allowed."""
@@ -277,11 +294,17 @@ class Forwarder:
         failed: tuple[int, ...] = ()
         attempts_left = service.settings.retry_attempts
         while True:
-            headers = pod_request_headers(request, extra_headers, _ROUTE_HEADERS)
+            headers = pod_request_headers(
+                request, extra_headers, _ROUTE_HEADERS, self._trusted
+            )
+            self._keep_routing_headers(request, headers)
             try:
                 return await self._attempt(request, service, pod, ids, headers, body)
             except UpstreamError as exc:
                 error = exc
+            if guard.failure is not None:
+                # The attempt failed because the client's body did.
+                return _body_rejected(request, guard.failure, ids)
 
             plan = plan_retry(
                 error.stage, request.method, body.replayable, attempts_left
@@ -366,6 +389,19 @@ class Forwarder:
         stats.finish(stat, time.monotonic() - started, relayed.status)
         service.health.record(pod, relayed.status < 500, f"status {relayed.status}")
         return relayed
+
+    def _keep_routing_headers(
+        self, request: web.BaseRequest, headers: CIMultiDict[str]
+    ) -> None:
+        """Put back the routing headers that the client's Connection removed.
+
+        The pod gets the namespace, service and UID that the proxy routed on.
+        """
+        proxy = self._proxy
+        for name in (proxy.namespace_header, proxy.service_header, proxy.uid_header):
+            value = request.headers.get(name)
+            if value is not None and name not in headers:
+                headers[name] = value
 
     def retry_counters(self) -> dict[str, dict[str, int]]:
         """Return the requests relayed, retries sent and retries rejected, by service.
@@ -486,6 +522,21 @@ def _budget_settings(service: Service) -> tuple[float, float, float]:
 
 def _budget(service: Service) -> RetryBudget:
     return RetryBudget(service.name, *_budget_settings(service))
+
+
+def _body_rejected(
+    request: web.BaseRequest, exc: RequestRejected, ids: dict[str, Any]
+) -> web.Response:
+    logger.info(
+        "rejected %s %s from %s with %d: %s %s",
+        request.method,
+        _safe_path(request.raw_path),
+        request.remote,
+        exc.status,
+        exc.message,
+        format_ids(ids),
+    )
+    return closing_error(exc.status, exc.code, exc.message)
 
 
 def _single_header(request: web.BaseRequest, name: str) -> str | None:

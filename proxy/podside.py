@@ -31,6 +31,7 @@ from aiohttp import web
 
 from proxy.config import PodSettings
 from proxy.errors import StoreError
+from proxy.inbound import parse_networks
 from proxy.inflight import InFlight
 from proxy.pods import Pod, parse_address
 from proxy.podset import parse_records
@@ -78,6 +79,7 @@ class PodAgent:
         # the final SHUTDOWN of a stop.
         self._publish_lock = asyncio.Lock()
         self._relay: Relay | None = None
+        self._trusted = parse_networks(settings.trusted_proxies)
         self._timeout = aiohttp.ClientTimeout(
             total=None,
             sock_connect=settings.connect_timeout_s,
@@ -200,7 +202,9 @@ class PodAgent:
             return rejected
         self.in_flight.enter()
         try:
-            return await self._relay.relay(request, self.app, self._timeout, ids)
+            return await self._relay.relay(
+                request, self.app, self._timeout, ids, trusted=self._trusted
+            )
         finally:
             self.in_flight.leave()
             self.requests += 1

@@ -29,6 +29,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy.errors import StatefulRouteError
+from proxy.inbound import Network, request_target, set_forwarded_headers
 from proxy.pods import Pod
 from proxy.retry import RequestBody, Stage
 
@@ -193,6 +194,7 @@ class Relay:
         ids: dict[str, Any],
         extra_headers: Mapping[str, str] | None = None,
         removed_headers: Iterable[str] = (),
+        trusted: tuple[Network, ...] = (),
     ) -> web.StreamResponse:
         """Forward `request` to `pod` once and stream the response to the client.
 
@@ -200,8 +202,9 @@ class Relay:
         `error_response`. aiohttp's own resend of idempotent requests stays
         on. `removed_headers` are dropped from the client's headers before
         `extra_headers` are set, so a client cannot supply them itself.
+        `trusted` are the networks of peers whose X-Forwarded-* are kept.
         """
-        headers = pod_request_headers(request, extra_headers, removed_headers)
+        headers = pod_request_headers(request, extra_headers, removed_headers, trusted)
         body = request.content if request.body_exists else None
         try:
             return await self._exchange(
@@ -249,7 +252,7 @@ class Relay:
         send_once: bool,
     ) -> web.StreamResponse:
         address = pod.address
-        path, _, query = request.raw_path.partition("?")
+        path, _, query = request_target(request).partition("?")
         url = URL.build(
             scheme="http",
             host=address.host,
@@ -308,13 +311,14 @@ def pod_request_headers(
     request: web.BaseRequest,
     extra_headers: Mapping[str, str] | None = None,
     removed_headers: Iterable[str] = (),
+    trusted: tuple[Network, ...] = (),
 ) -> CIMultiDict[str]:
     """Return the headers of `request` for the pod.
 
     Those of `upstream_headers`, without `removed_headers`, then with
     `extra_headers` set.
     """
-    headers = upstream_headers(request)
+    headers = upstream_headers(request, trusted)
     for name in removed_headers:
         headers.popall(name, None)
     if extra_headers:
@@ -347,18 +351,16 @@ async def answer_expect(request: web.BaseRequest) -> web.Response | None:
     return None
 
 
-def upstream_headers(request: web.BaseRequest) -> CIMultiDict[str]:
-    """Return the client's headers for the pod, with the X-Forwarded-* set."""
+def upstream_headers(
+    request: web.BaseRequest, trusted: tuple[Network, ...] = ()
+) -> CIMultiDict[str]:
+    """Return the client's headers for the pod, with the X-Forwarded-* set.
+
+    `trusted` are the networks of proxies whose X-Forwarded-* are kept.
+    """
     headers = strip_hop_by_hop(request.headers)
     headers.popall("Expect", None)
-    peer = request.remote or ""
-    forwarded_for = ", ".join(headers.getall("X-Forwarded-For", ()))
-    headers.popall("X-Forwarded-For", None)
-    headers["X-Forwarded-For"] = f"{forwarded_for}, {peer}" if forwarded_for else peer
-    headers["X-Forwarded-Proto"] = request.scheme
-    host = request.headers.get("Host")
-    if host is not None:
-        headers["X-Forwarded-Host"] = host
+    set_forwarded_headers(headers, request, trusted)
     return headers
 
 

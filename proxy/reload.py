@@ -40,8 +40,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger("stateful_route.reload")
 
 # Settings that a running process keeps until it restarts: they decide the
-# listening sockets, the store client, the pod connection pool, the admin
-# app's middleware and the log handlers, which are all built once at start.
+# listening sockets and their request limits, the store client, the pod
+# connection pool, the admin app's middleware and the log handlers, which are
+# all built once at start.
 # The whole [pod] section needs a restart too.
 RESTART_SETTINGS: Mapping[str, tuple[str, ...]] = {
     "proxy": (
@@ -53,6 +54,14 @@ RESTART_SETTINGS: Mapping[str, tuple[str, ...]] = {
         "routed_pod_header",
         "upstream_connections_per_pod",
         "upstream_idle_timeout_s",
+        "max_request_line_bytes",
+        "max_header_field_bytes",
+        "max_header_bytes",
+        "max_header_count",
+        "max_body_bytes",
+        "header_timeout_s",
+        "body_timeout_s",
+        "keepalive_timeout_s",
     ),
     "admin": ("enabled", "host", "port", "token"),
     "store": (

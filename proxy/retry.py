@@ -27,8 +27,9 @@ import math
 import time
 from collections.abc import AsyncIterator, Callable
 from enum import Enum
+from typing import Protocol
 
-from aiohttp import StreamReader, web
+from aiohttp import web
 
 logger = logging.getLogger("stateful_route.retry")
 
@@ -83,6 +84,14 @@ def plan_retry(
     return None
 
 
+class BodySource(Protocol):
+    """A request body stream: aiohttp's StreamReader or a wrapper of it."""
+
+    async def readany(self) -> bytes: ...
+
+    async def readexactly(self, size: int) -> bytes: ...
+
+
 class RequestBody:
     """The client's request body for one or more attempts.
 
@@ -95,7 +104,7 @@ class RequestBody:
     __slots__ = ("_buffered", "_content", "started")
 
     def __init__(
-        self, content: StreamReader | None = None, buffered: bytes | None = None
+        self, content: BodySource | None = None, buffered: bytes | None = None
     ) -> None:
         self._content = content
         self._buffered = buffered
@@ -120,7 +129,7 @@ class _StreamChunks:
 
     __slots__ = ("_body", "_content")
 
-    def __init__(self, body: RequestBody, content: StreamReader) -> None:
+    def __init__(self, body: RequestBody, content: BodySource) -> None:
         self._body = body
         self._content = content
 
@@ -136,9 +145,14 @@ class _StreamChunks:
 
 
 async def read_body(
-    request: web.BaseRequest, buffer_bytes: int, retries: bool
+    request: web.BaseRequest,
+    buffer_bytes: int,
+    retries: bool,
+    content: BodySource | None = None,
 ) -> RequestBody:
     """Return the request's body, read whole when a retry could resend it.
+
+    The body is read from `content`, or from ``request.content`` without it.
 
     The body is buffered only when `retries` is on, the method is in
     `RETRYABLE_METHODS` and the Content-Length is at most `buffer_bytes`.
@@ -148,6 +162,7 @@ async def read_body(
     """
     if not request.body_exists:
         return RequestBody()
+    source: BodySource = request.content if content is None else content
     length = request.content_length
     if (
         retries
@@ -155,8 +170,8 @@ async def read_body(
         and length is not None
         and length <= buffer_bytes
     ):
-        return RequestBody(buffered=await request.content.readexactly(length))
-    return RequestBody(content=request.content)
+        return RequestBody(buffered=await source.readexactly(length))
+    return RequestBody(content=source)
 
 
 class RetryBudget:

@@ -25,6 +25,7 @@ from proxy.config import Config, StoreSettings
 from proxy.failover import FailoverHandler
 from proxy.forward import Forwarder
 from proxy.health import TransitionCounts, log_transitions
+from proxy.inbound import InboundServer, Limits
 from proxy.inflight import InFlight
 from proxy.logs import ACCESS_LOGGER, AccessLogger
 from proxy.metrics import Metrics
@@ -215,7 +216,12 @@ class ProxyServer:
         host: str,
         port: int,
     ) -> web.ServerRunner:
-        server = web.Server(handler, handler_cancellation=True, **self._access_log)
+        server = InboundServer(
+            handler,
+            Limits.from_settings(self.config.proxy),
+            handler_cancellation=True,
+            **self._access_log,
+        )
         # stop() waits for in-flight requests itself, so the runner's own wait
         # only has to cancel what is left. aiohttp reads 0 as no time limit.
         runner = web.ServerRunner(

@@ -470,3 +470,43 @@ def test_admin_port_checked_beside_broken_service() -> None:
         "services.game.colour: unknown key",
         "admin.port = 9000: the same port as proxy.port",
     ]
+
+
+def test_request_limit_defaults_fit_large_heads() -> None:
+    proxy = parse_config(minimal(), environ={}).proxy
+
+    assert proxy.max_header_bytes >= 32 * 1024
+    assert proxy.max_header_field_bytes >= 32 * 1024
+    assert proxy.max_body_bytes >= 100 * 1024 * 1024
+    assert proxy.trusted_proxies == ()
+
+
+def test_invalid_trusted_proxy_is_named() -> None:
+    document = minimal(proxy={"trusted_proxies": ["10.0.0.0/8", "10.0.0.300"]})
+
+    problems = problems_of(document)
+
+    assert problems == [
+        "proxy.trusted_proxies: '10.0.0.300' is not an IP address or CIDR "
+        "network such as 10.0.0.0/8"
+    ]
+
+
+def test_trusted_proxies_from_environment() -> None:
+    environ = {"STATEFUL_ROUTE_PROXY_TRUSTED_PROXIES": "10.0.0.0/8, fd00::/8"}
+
+    config = parse_config(minimal(), environ=environ)
+
+    assert config.proxy.trusted_proxies == ("10.0.0.0/8", "fd00::/8")
+
+
+def test_header_line_limit_within_head_limit() -> None:
+    document = minimal(proxy={"max_header_bytes": 4096, "max_header_field_bytes": 8192})
+
+    problems = problems_of(document)
+
+    assert problems == [
+        "proxy.max_request_line_bytes = 16384: must be <= proxy.max_header_bytes "
+        "(4096)",
+        "proxy.max_header_field_bytes = 8192: must be <= proxy.max_header_bytes (4096)",
+    ]

@@ -862,6 +862,30 @@ async def test_sidecar_relays_inbound_to_app(
     assert reply.body["uid"] == "guest"
 
 
+@pytest.mark.parametrize(
+    ("trusted", "expected"),
+    [((), "127.0.0.1"), (("127.0.0.0/8",), "203.0.113.7, 127.0.0.1")],
+    ids=["untrusted-router", "trusted-router"],
+)
+async def test_sidecar_forwarded_for_follows_trust(
+    launch: Launch,
+    pods: list[PodProcess],
+    redis_url: str,
+    client: aiohttp.ClientSession,
+    trusted: tuple[str, ...],
+    expected: str,
+) -> None:
+    document = sidecar_document(pods[2], redis_url, trusted_proxies=list(trusted))
+    await launch(document)
+    inbound = f"http://{LOOPBACK}:{document['pod']['port']}"
+    headers = {"X-Uid": "guest", "X-Forwarded-For": "203.0.113.7"}
+
+    reply = await request_json(client, f"{inbound}/where", headers)
+
+    assert reply.status == 200
+    assert pod_headers(reply.body).getall("X-Forwarded-For") == [expected]
+
+
 async def test_pod_zero_publishes_workload(
     launch: Launch,
     pods: list[PodProcess],

@@ -1,0 +1,503 @@
+"""The client side of the proxy port: which requests are read, and how long for.
+
+aiohttp parses the requests. Its two parsers (the C one and the Python one
+of ``AIOHTTP_NO_EXTENSIONS=1``) reject most malformed or ambiguous heads by
+themselves, and this module rejects the rest before anything is forwarded,
+so that both behave alike. Every rejection is a short JSON error with
+``Connection: close``, logged as one line with the peer address. Limits:
+
+- the request line, one header line, the whole head and the header count:
+  431;
+- a body beyond ``proxy.max_body_bytes``: 413, before anything is
+  forwarded when its Content-Length is too large;
+- a head that does not complete within ``proxy.header_timeout_s``: 408, and
+  the connection closes without a pod being contacted;
+- a body whose next bytes do not arrive within ``proxy.body_timeout_s``:
+  408 when no response started, and the request to the pod is aborted.
+
+It relies on internals of aiohttp's ``RequestHandler`` (``_messages``,
+``_ErrInfo``, ``_current_request``, ``_request_in_progress``,
+``_force_close``), read in aiohttp 3.14.5.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import re
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any
+
+import orjson
+from aiohttp import StreamReader, web, web_protocol
+from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
+from multidict import CIMultiDict
+
+from proxy.config import ProxySettings
+from proxy.errors import StatefulRouteError
+
+logger = logging.getLogger("stateful_route.inbound")
+
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# Maximum length of a client value quoted in an error message or log line.
+_SHOWN_LENGTH = 100
+# A Transfer-Encoding line as the proxy accepts it: exactly "chunked", with
+# at most one space after the colon. The Python parser strips tabs and
+# trailing spaces that the C parser rejects, so the raw head is checked too.
+_TRANSFER_ENCODING_LINE = re.compile(rb"(?im)^transfer-encoding:(.*)$")
+_CHUNKED_VALUE = re.compile(rb"(?i) ?chunked\r?")
+# Characters that the proxy rejects in a request target: controls, space,
+# DEL and anything beyond ASCII, which a client must percent-encode.
+_TARGET_FORBIDDEN = re.compile(r"[^\x21-\x7e]")
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The request limits of one listener, from `ProxySettings`."""
+
+    max_request_line_bytes: int
+    max_header_field_bytes: int
+    max_header_bytes: int
+    max_header_count: int
+    max_body_bytes: int
+    header_timeout_s: float
+    body_timeout_s: float
+    keepalive_timeout_s: float
+
+    @classmethod
+    def from_settings(cls, settings: ProxySettings) -> Limits:
+        return cls(
+            max_request_line_bytes=settings.max_request_line_bytes,
+            max_header_field_bytes=settings.max_header_field_bytes,
+            max_header_bytes=settings.max_header_bytes,
+            max_header_count=settings.max_header_count,
+            max_body_bytes=settings.max_body_bytes,
+            header_timeout_s=settings.header_timeout_s,
+            body_timeout_s=settings.body_timeout_s,
+            keepalive_timeout_s=settings.keepalive_timeout_s,
+        )
+
+
+class RequestRejected(StatefulRouteError):
+    """A client request that the proxy rejects before forwarding it."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def json_error_body(code: str, message: str) -> bytes:
+    return orjson.dumps({"error": code, "message": message})
+
+
+def closing_error(status: int, code: str, message: str) -> web.Response:
+    """Return a JSON error response that closes the client connection."""
+    response = web.Response(
+        status=status,
+        body=json_error_body(code, message),
+        content_type="application/json",
+        headers={"Connection": "close"},
+    )
+    response.force_close()
+    return response
+
+
+def shown(value: str | bytes) -> str:
+    """Return a client value for a message: quoted and cut when it is long."""
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    text = repr(value[:_SHOWN_LENGTH])
+    return text + "..." if len(value) > _SHOWN_LENGTH else text
+
+
+def peer_of(request: web.BaseRequest) -> str:
+    return request.remote or "unknown"
+
+
+# Checks of a parsed request.
+
+
+def check_request(request: web.BaseRequest, limits: Limits) -> None:
+    """Raise `RequestRejected` for a request that must not be forwarded.
+
+    It covers what aiohttp's parsers accept, or accept only one of: an
+    unusual Transfer-Encoding, a missing Host, an unsafe target, a head or a
+    declared body beyond the limits.
+    """
+    target = request.raw_path
+    if _TARGET_FORBIDDEN.search(target):
+        raise RequestRejected(
+            400,
+            "invalid_target",
+            f"request target {shown(target)} has a character outside printable ASCII",
+        )
+    head_bytes = len(request.method) + len(target) + 12
+    for name, value in request.raw_headers:
+        head_bytes += len(name) + len(value) + 4
+    if head_bytes > limits.max_header_bytes:
+        raise RequestRejected(
+            431,
+            "header_too_large",
+            f"request head of {head_bytes} bytes exceeds the limit of "
+            f"{limits.max_header_bytes} bytes",
+        )
+
+    headers = request.headers
+    if request.version >= (1, 1) and "Host" not in headers:
+        raise RequestRejected(400, "invalid_request", "missing Host header")
+    codings = headers.getall("Transfer-Encoding", ())
+    if codings and (len(codings) > 1 or codings[0].lower() != "chunked"):
+        raise RequestRejected(
+            400,
+            "invalid_request",
+            f"Transfer-Encoding {shown(', '.join(codings))} is not supported, "
+            "only a single chunked",
+        )
+    length = request.content_length
+    if limits.max_body_bytes and length is not None and length > limits.max_body_bytes:
+        raise RequestRejected(
+            413,
+            "body_too_large",
+            f"Content-Length {length} exceeds the limit of "
+            f"{limits.max_body_bytes} bytes",
+        )
+
+
+def raw_head_problem(head: bytes) -> str | None:
+    """Return why a raw request head is rejected, or None.
+
+    Only the Transfer-Encoding lines are checked here, because the Python
+    parser hides their whitespace.
+    """
+    for match in _TRANSFER_ENCODING_LINE.finditer(head):
+        if _CHUNKED_VALUE.fullmatch(match.group(1)) is None:
+            return (
+                f"Transfer-Encoding {shown(match.group(1).strip())} is not "
+                "supported, only a single chunked"
+            )
+    return None
+
+
+def request_target(request: web.BaseRequest) -> str:
+    """Return the request target for the pod, exactly as the client sent it."""
+    return request.raw_path
+
+
+# X-Forwarded-*.
+
+
+def parse_networks(cidrs: Iterable[str]) -> tuple[Network, ...]:
+    """Return the networks of `cidrs`. Raises ValueError for an invalid one."""
+    return tuple(ipaddress.ip_network(cidr, strict=False) for cidr in cidrs)
+
+
+def is_trusted(peer: str, networks: tuple[Network, ...]) -> bool:
+    if not networks or not peer:
+        return False
+    try:
+        address = ipaddress.ip_address(peer)
+    except ValueError:
+        return False
+    return any(address in network for network in networks)
+
+
+def set_forwarded_headers(
+    headers: CIMultiDict[str],
+    request: web.BaseRequest,
+    networks: tuple[Network, ...],
+) -> None:
+    """Set X-Forwarded-For, -Proto and -Host on the pod's copy of the headers.
+
+    From a peer in `networks` the client's values are kept: the peer is
+    appended to its X-Forwarded-For, joined into one line, and its
+    X-Forwarded-Proto and -Host stay when present. From any other peer all
+    three are replaced by what the proxy saw itself.
+    """
+    peer = request.remote or ""
+    trusted = is_trusted(peer, networks)
+    chain = ", ".join(headers.getall("X-Forwarded-For", ())) if trusted else ""
+    headers.popall("X-Forwarded-For", None)
+    headers["X-Forwarded-For"] = f"{chain}, {peer}" if chain else peer
+
+    proto = headers.getall("X-Forwarded-Proto", ())
+    if not trusted or len(proto) != 1:
+        headers.popall("X-Forwarded-Proto", None)
+        headers["X-Forwarded-Proto"] = request.scheme
+    forwarded_host = headers.getall("X-Forwarded-Host", ())
+    if not trusted or len(forwarded_host) != 1:
+        headers.popall("X-Forwarded-Host", None)
+        host = request.headers.get("Host")
+        if host is not None:
+            headers["X-Forwarded-Host"] = host
+
+
+# The request body.
+
+
+class BodyTooLargeError(RequestRejected):
+    """A request body that grew beyond ``proxy.max_body_bytes``."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            413, "body_too_large", f"request body exceeds the limit of {limit} bytes"
+        )
+
+
+class BodyTimeoutError(RequestRejected):
+    """A request body whose next bytes did not arrive in time.
+
+    Not a TimeoutError, so that it is never taken for a pod's timeout.
+    """
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(
+            408,
+            "body_timeout",
+            f"no request body bytes arrived for {timeout_s:g}s",
+        )
+
+
+class GuardedBody:
+    """The client's body stream, with the body limit and inactivity timeout.
+
+    A read that passes the limit or waits longer than the timeout raises
+    `BodyTooLargeError` or `BodyTimeoutError`, and `failure` keeps it, so
+    the handler can still find it after an HTTP client wrapped it.
+
+    :param content: the request's body stream.
+    :param limits: the limits of the listener.
+    """
+
+    __slots__ = ("_content", "_limits", "_received", "failure")
+
+    def __init__(self, content: StreamReader, limits: Limits) -> None:
+        self._content = content
+        self._limits = limits
+        self._received = 0
+        self.failure: RequestRejected | None = None
+
+    async def readany(self) -> bytes:
+        return self._count(await self._wait(self._content.readany()))
+
+    async def readexactly(self, size: int) -> bytes:
+        return self._count(await self._wait(self._content.readexactly(size)))
+
+    async def _wait(self, read: Awaitable[bytes]) -> bytes:
+        if self.failure is not None:
+            raise self.failure
+        try:
+            async with asyncio.timeout(self._limits.body_timeout_s):
+                return await read
+        except TimeoutError:
+            self.failure = BodyTimeoutError(self._limits.body_timeout_s)
+            raise self.failure from None
+
+    def _count(self, chunk: bytes) -> bytes:
+        self._received += len(chunk)
+        limit = self._limits.max_body_bytes
+        if limit and self._received > limit:
+            self.failure = BodyTooLargeError(limit)
+            raise self.failure
+        return chunk
+
+
+# The server.
+
+
+class InboundServer(web.Server):
+    """aiohttp's low-level server with the checks and limits of `Limits`.
+
+    :param handler: the request handler, called for checked requests only.
+    :param limits: the limits of this listener.
+    """
+
+    def __init__(self, handler: Handler, limits: Limits, **kwargs: Any) -> None:
+        self.limits = limits
+
+        async def checked(request: web.BaseRequest) -> web.StreamResponse:
+            try:
+                check_request(request, limits)
+            except RequestRejected as exc:
+                logger.info(
+                    "rejected request from %s with %d: %s",
+                    peer_of(request),
+                    exc.status,
+                    exc.message,
+                )
+                return closing_error(exc.status, exc.code, exc.message)
+            return await handler(request)
+
+        super().__init__(
+            checked,
+            keepalive_timeout=limits.keepalive_timeout_s,
+            max_line_size=limits.max_request_line_bytes,
+            max_field_size=limits.max_header_field_bytes,
+            max_headers=limits.max_header_count,
+            **kwargs,
+        )
+
+    def __call__(self) -> InboundRequestHandler:
+        return InboundRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class InboundRequestHandler(web_protocol.RequestHandler):
+    """aiohttp's connection handler with JSON errors and a header timeout."""
+
+    __slots__ = ("_head", "_head_timer", "_last_payload", "_limits")
+
+    def __init__(self, manager: InboundServer, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._limits = manager.limits
+        self._head = bytearray()
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._last_payload: StreamReader | None = None
+
+    def _awaiting_head(self) -> bool:
+        """Return whether the next bytes of the connection start a request head.
+
+        NOTE: the head of a request pipelined behind one still in progress
+        is not timed here. The keep-alive timeout bounds it instead.
+        """
+        last = self._last_payload
+        return (
+            not self._messages
+            and self._current_request is None
+            and not self._request_in_progress
+            and (last is None or last.is_eof())
+        )
+
+    def data_received(self, data: bytes) -> None:
+        if self._force_close or self._close or not self._awaiting_head():
+            super().data_received(data)
+            return
+        queued = len(self._messages)
+        super().data_received(data)
+        if len(self._messages) == queued:
+            self._head += data
+            if len(self._head) > self._limits.max_header_bytes:
+                self._close_early(
+                    431,
+                    "header_too_large",
+                    f"request head exceeds the limit of "
+                    f"{self._limits.max_header_bytes} bytes",
+                )
+            elif self._head_timer is None and self.transport is not None:
+                self._head_timer = self._loop.call_later(
+                    self._limits.header_timeout_s, self._on_head_timeout
+                )
+            return
+
+        head = bytes(self._head) + data
+        self._head.clear()
+        self._cancel_head_timer()
+        message, payload = self._messages[-1]
+        if not isinstance(message, web_protocol._ErrInfo):
+            self._last_payload = payload
+        problem = raw_head_problem(head[: head.find(b"\r\n\r\n") + 2])
+        if problem is not None:
+            # Replace what this data produced with one error. aiohttp responds
+            # to it through handle_error and then closes the connection.
+            for _ in range(len(self._messages) - queued):
+                self._messages.pop()
+            error = BadHttpMessage(problem)
+            self._messages.append(
+                (
+                    web_protocol._ErrInfo(status=400, exc=error, message=problem),
+                    payload,
+                )
+            )
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _on_head_timeout(self) -> None:
+        self._head_timer = None
+        if self._awaiting_head() and self._head:
+            self._close_early(
+                408,
+                "header_timeout",
+                f"request head not complete within {self._limits.header_timeout_s:g}s",
+            )
+
+    def _close_early(self, status: int, code: str, message: str) -> None:
+        """Write an error response outside aiohttp's flow and close the connection.
+
+        Only called while no request is in progress, so nothing else is
+        written on the connection.
+        """
+        self._cancel_head_timer()
+        self._head.clear()
+        peer = self.peername
+        host = peer[0] if isinstance(peer, tuple) else peer
+        logger.info("closed connection from %s with %d: %s", host, status, message)
+        transport = self.transport
+        if transport is not None:
+            body = json_error_body(code, message)
+            reason = HTTPStatus(status).phrase
+            transport.write(
+                f"HTTP/1.1 {status} {reason}\r\n"
+                "Content-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n"
+                "Connection: close\r\n\r\n".encode("ascii")
+                + body
+            )
+        self.force_close()
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """Return the JSON error for a request that aiohttp could not handle.
+
+        A parse error is logged as one line with the peer and the reason.
+        Only an unexpected handler error (500) is logged with its traceback.
+        """
+        if request.writer.output_size > 0:
+            # aiohttp's own behaviour: a response already started, so the
+            # connection can only be broken off.
+            raise ConnectionError("response already started, cannot send an error")
+        if isinstance(exc, HttpProcessingError) and status == 400:
+            status, code = _parse_error_status(exc)
+            reason = (exc.message or type(exc).__name__)[:200]
+            logger.info(
+                "rejected request from %s with %d: %s",
+                peer_of(request),
+                status,
+                reason,
+            )
+            return closing_error(status, code, reason)
+        if status == 500:
+            logger.error(
+                "unexpected error handling request from %s",
+                peer_of(request),
+                exc_info=exc,
+            )
+            return closing_error(500, "internal_error", "internal proxy error")
+        phrase = HTTPStatus(status).phrase
+        logger.info("request from %s ended with %d", peer_of(request), status)
+        return closing_error(status, "request_failed", phrase)
+
+
+def _parse_error_status(exc: HttpProcessingError) -> tuple[int, str]:
+    """Return the status and error code of an aiohttp parse error."""
+    # Both parsers raise LineTooLong for a long line and the same
+    # BadHttpMessage text for too many headers (aiohttp 3.14.5).
+    if isinstance(exc, LineTooLong) or exc.message == "Too many headers received":
+        return 431, "header_too_large"
+    return 400, "invalid_request"

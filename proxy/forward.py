@@ -68,6 +68,7 @@ from proxy.retry import (
 from proxy.routing import Origin, Route, Router
 from proxy.services import Service
 from proxy.statetable import PodStates
+from proxy.upstream import UpstreamPool
 
 logger = logging.getLogger("stateful_route.forward")
 
@@ -91,7 +92,7 @@ class Forwarder:
     :param services: the configured services by name.
     :param router: computes the linked pod.
     :param states: the current pod sets with their state records.
-    :param session: the client session holding the pooled pod connections.
+    :param pool: the pooled pod connections.
     :param metrics: counts every request and failed attempt; None for none.
     """
 
@@ -101,7 +102,7 @@ class Forwarder:
         services: dict[str, Service],
         router: Router,
         states: PodStates,
-        session: aiohttp.ClientSession,
+        pool: UpstreamPool,
         metrics: Metrics | None = None,
     ) -> None:
         self._proxy = config.proxy
@@ -109,7 +110,7 @@ class Forwarder:
         self._services = services
         self._router = router
         self._states = states
-        self._relay = Relay(session, config.proxy.routed_pod_header)
+        self._relay = Relay(pool, config.proxy.routed_pod_header)
         self._limits = Limits.from_settings(config.proxy)
         self._trusted = parse_networks(config.proxy.trusted_proxies)
         self._timeouts = {name: _timeout(service) for name, service in services.items()}

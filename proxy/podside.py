@@ -38,6 +38,7 @@ from proxy.podset import parse_records
 from proxy.podstate import DRAINED_BY_ADMIN, PodState, Routing, Workload, now_ms
 from proxy.relay import Relay, answer_expect
 from proxy.store.base import LinkStore
+from proxy.upstream import UpstreamPool
 
 logger = logging.getLogger("stateful_route.pod")
 
@@ -211,9 +212,9 @@ class PodAgent:
             elapsed_ms = (time.monotonic() - started) * 1000
             self.latency_ms += _LATENCY_ALPHA * (elapsed_ms - self.latency_ms)
 
-    def start_relay(self, session: aiohttp.ClientSession) -> None:
-        """Use `session` for the inbound relay; the agent does not close it."""
-        self._relay = Relay(session, routed_pod_header="")
+    def start_relay(self, pool: UpstreamPool) -> None:
+        """Use `pool` for the inbound relay; the agent does not close it."""
+        self._relay = Relay(pool, routed_pod_header="")
 
     def describe(self) -> dict[str, object]:
         """Return the agent's state for the admin API."""

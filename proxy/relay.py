@@ -3,15 +3,16 @@
 Bodies stream in both directions without being held whole or decompressed.
 Hop-by-hop headers are dropped both ways. Failures before the response
 starts become a JSON error naming the pod: 502 when the pod refused or broke
-the exchange, 504 on a timeout. A failure after the response started closes
+the exchange, 504 on a timeout. A failure after the response started aborts
 the client connection, because the status line is already sent.
 
+The response keeps the pod's framing where the client allows it: the pod's
+Content-Length when it sent one, else chunked coding to an HTTP/1.1 client
+and a body that ends with the connection to an HTTP/1.0 client. Each body
+chunk is written to the client as soon as it arrives from the pod.
+
 `Relay.send` is the variant for retries: it raises `UpstreamError` with the
-`Stage` the attempt reached, instead of sending the client an error. It also turns
-off aiohttp's own resend (seen in aiohttp 3.14), which sends an idempotent
-request a second time to the same pod after a broken connection, pooled or
-not. That takes a client middleware, so aiohttp 3.12 or later. Which
-connections came from the pool is learned from aiohttp's connection tracing.
+`Stage` the attempt reached, instead of sending the client an error.
 """
 
 from __future__ import annotations
@@ -19,19 +20,31 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping
-from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
 import orjson
 from aiohttp import StreamReader, web
+from aiohttp.http import HttpVersion11
 from multidict import CIMultiDict, CIMultiDictProxy
-from yarl import URL
 
 from proxy.errors import StatefulRouteError
-from proxy.inbound import Network, request_target, set_forwarded_headers
+from proxy.inbound import (
+    Network,
+    RequestRejected,
+    request_target,
+    set_forwarded_headers,
+)
 from proxy.pods import Pod
-from proxy.retry import RequestBody, Stage
+from proxy.retry import RETRYABLE_METHODS, RequestBody, Stage
+from proxy.tunnel import relay_tunnel, websocket_upgrade
+from proxy.upstream import (
+    InvalidRequestError,
+    UpstreamFailure,
+    UpstreamPool,
+    UpstreamResponse,
+)
+from proxy.upstream_connection import ClientBodyError
 
 logger = logging.getLogger("stateful_route.relay")
 
@@ -53,20 +66,16 @@ HOP_BY_HOP = frozenset(
         "upgrade",
     }
 )
-
-# Headers that the client session must not add on its own, so the pod gets
-# the client's headers and nothing more.
-_SKIP_AUTO_HEADERS = frozenset(
-    {"Accept", "Accept-Encoding", "User-Agent", "Content-Type"}
-)
-_RELAY_CHUNK_SIZE = 64 * 1024
+_CONTINUE_LINE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# Request key that marks a client that got its 100 Continue.
+_CONTINUE_SENT = "stateful_route.continue_sent"
 
 
 class UpstreamError(StatefulRouteError):
     """An attempt at a pod that failed before any response byte reached the client.
 
-    `stage` is how far the attempt got, and `cause` is the aiohttp or OS
-    error that ended it.
+    `stage` is how far the attempt got, and `cause` is the error that ended
+    it, from `proxy.upstream_connection` or the OS.
     """
 
     def __init__(self, pod: Pod, stage: Stage, cause: BaseException) -> None:
@@ -81,72 +90,14 @@ class UpstreamError(StatefulRouteError):
         return 504 if isinstance(self.cause, TimeoutError) else 502
 
 
-class _ConnectionNote:
-    """The connection facts that the tracing recorded for one attempt."""
+class _CoalescedResponse(web.StreamResponse):
+    """A response whose head goes out with its first body bytes, in one write.
 
-    __slots__ = ("connected", "reused")
-
-    def __init__(self) -> None:
-        self.connected = False
-        self.reused = False
-
-
-async def _on_connection_created(
-    session: aiohttp.ClientSession,
-    context: SimpleNamespace,
-    params: aiohttp.TraceConnectionCreateEndParams,
-) -> None:
-    note = context.trace_request_ctx
-    if isinstance(note, _ConnectionNote):
-        note.connected = True
-
-
-async def _on_connection_reused(
-    session: aiohttp.ClientSession,
-    context: SimpleNamespace,
-    params: aiohttp.TraceConnectionReuseconnParams,
-) -> None:
-    note = context.trace_request_ctx
-    if isinstance(note, _ConnectionNote):
-        note.connected = True
-        note.reused = True
-
-
-def _connection_tracing() -> aiohttp.TraceConfig:
-    tracing = aiohttp.TraceConfig()
-    tracing.on_connection_create_end.append(_on_connection_created)
-    tracing.on_connection_reuseconn.append(_on_connection_reused)
-    tracing.freeze()
-    return tracing
-
-
-# One tracing for every session: it only marks `_ConnectionNote` contexts,
-# so other requests of the session are unaffected.
-_CONNECTION_TRACING = _connection_tracing()
-
-
-class _SendFailed(aiohttp.ClientConnectionError):
-    """A broken connection, re-raised under a type that aiohttp does not resend."""
-
-    def __init__(self, cause: aiohttp.ClientConnectionError) -> None:
-        self.cause = cause
-        super().__init__(str(cause))
-
-
-async def _send_once(
-    request: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType
-) -> aiohttp.ClientResponse:
-    """Client middleware that keeps aiohttp from resending a request by itself.
-
-    aiohttp resends an idempotent request once after ClientOSError or
-    ServerDisconnectedError, but any other error type ends the request.
+    For a body that arrived whole with the head. `_send_headers_immediately`
+    is the switch aiohttp's own `web.Response` uses (aiohttp 3.14).
     """
-    try:
-        return await handler(request)
-    except aiohttp.ClientConnectorError:
-        raise  # aiohttp never resends it, and it shows no connection was made
-    except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as exc:
-        raise _SendFailed(exc) from exc
+
+    _send_headers_immediately = False
 
 
 def error_response(
@@ -171,20 +122,15 @@ def strip_hop_by_hop(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
 
 
 class Relay:
-    """Sends requests to pods over the pooled connections of one client session.
+    """Sends requests to pods over the pooled connections of an `UpstreamPool`.
 
-    It adds its connection tracing to the session's trace configs, where it
-    only observes the requests of this class.
-
-    :param session: the client session holding the keep-alive pod connections.
+    :param pool: the keep-alive pod connections.
     :param routed_pod_header: response header set to the pod index; "" for none.
     """
 
-    def __init__(self, session: aiohttp.ClientSession, routed_pod_header: str) -> None:
-        self._session = session
+    def __init__(self, pool: UpstreamPool, routed_pod_header: str) -> None:
+        self._pool = pool
         self._routed_pod_header = routed_pod_header
-        if _CONNECTION_TRACING not in session.trace_configs:
-            session.trace_configs.append(_CONNECTION_TRACING)
 
     async def relay(
         self,
@@ -196,19 +142,37 @@ class Relay:
         removed_headers: Iterable[str] = (),
         trusted: tuple[Network, ...] = (),
     ) -> web.StreamResponse:
-        """Forward `request` to `pod` once and stream the response to the client.
+        """Forward `request` to `pod` and stream the response to the client.
 
         A failure before the response started returns the JSON error of
-        `error_response`. aiohttp's own resend of idempotent requests stays
-        on. `removed_headers` are dropped from the client's headers before
+        `error_response`. A bodyless idempotent request that hit a pooled
+        connection the pod had closed goes once more on a new connection.
+        `removed_headers` are dropped from the client's headers before
         `extra_headers` are set, so a client cannot supply them itself.
         `trusted` are the networks of peers whose X-Forwarded-* are kept.
         """
         headers = pod_request_headers(request, extra_headers, removed_headers, trusted)
         body = request.content if request.body_exists else None
         try:
+            try:
+                return await self._exchange(
+                    request, pod, client_timeout, ids, headers, body
+                )
+            except UpstreamError as exc:
+                if not (
+                    exc.stage is Stage.STALE
+                    and body is None
+                    and request.method in RETRYABLE_METHODS
+                ):
+                    raise
+                logger.debug(
+                    "resending %s: pooled connection to %s was closed %s",
+                    request.method,
+                    pod,
+                    format_ids(ids),
+                )
             return await self._exchange(
-                request, pod, client_timeout, ids, headers, body, send_once=False
+                request, pod, client_timeout, ids, headers, body
             )
         except UpstreamError as exc:
             return self.error_response(exc, ids)
@@ -226,16 +190,16 @@ class Relay:
 
         Raises `UpstreamError` when the attempt fails before any response
         byte reached the client, so the caller can retry it or respond with
-        `error_response`. A failure after that closes the client connection
-        and returns the response. aiohttp never resends the request itself.
+        `error_response`. A failure after that aborts the client connection
+        and returns the response. The request is sent once.
         """
         return await self._exchange(
-            request, pod, client_timeout, ids, headers, body.data(), send_once=True
+            request, pod, client_timeout, ids, headers, body.data()
         )
 
     def error_response(self, error: UpstreamError, ids: dict[str, Any]) -> web.Response:
         """Log a failed attempt and return its JSON error, 504 on a timeout."""
-        response = _upstream_error(error.cause, error.pod, ids)
+        response = _upstream_error(error, ids)
         if self._routed_pod_header:
             response.headers[self._routed_pod_header] = str(error.pod.index)
         return response
@@ -248,63 +212,138 @@ class Relay:
         ids: dict[str, Any],
         headers: CIMultiDict[str],
         body: bytes | StreamReader | AsyncIterator[bytes] | None,
-        *,
-        send_once: bool,
     ) -> web.StreamResponse:
         address = pod.address
-        path, _, query = request_target(request).partition("?")
-        url = URL.build(
-            scheme="http",
-            host=address.host,
-            port=address.port,
-            path=path,
-            query_string=query,
-            encoded=True,
-        )
-        note = _ConnectionNote()
+        upgrade = websocket_upgrade(request)
+        if upgrade is not None:
+            headers["Connection"] = "Upgrade"
+            headers["Upgrade"] = upgrade
+        streamed = body is not None and not isinstance(body, bytes)
+        on_continue = None
+        if streamed and expects_continue(request):
 
-        response: web.StreamResponse | None = None
+            async def on_continue() -> None:
+                await send_continue(request)
+
         try:
-            async with self._session.request(
+            upstream = await self._pool.request(
+                (address.host, address.port),
                 request.method,
-                url,
-                headers=headers,
-                data=body,
-                allow_redirects=False,
-                timeout=client_timeout,
-                skip_auto_headers=_SKIP_AUTO_HEADERS,
-                trace_request_ctx=note,
-                middlewares=(_send_once,) if send_once else None,
-            ) as upstream:
-                response = self._downstream_response(upstream, pod)
-                # Errors of the pod's side come from reading upstream.content;
-                # the writes below fail only when the client is gone.
-                if not await _client_write(response.prepare(request), ids):
-                    return response
-                async for chunk in upstream.content.iter_chunked(_RELAY_CHUNK_SIZE):
-                    if not await _client_write(response.write(chunk), ids):
-                        return response
-                await _client_write(response.write_eof(), ids)
-                return response
+                request_target(request),
+                headers.items(),
+                body,
+                content_length=request.content_length if body is not None else None,
+                connect_timeout_s=client_timeout.sock_connect,
+                read_timeout_s=client_timeout.sock_read,
+                on_continue=on_continue,
+                upgrade=upgrade is not None,
+            )
         except asyncio.CancelledError:
             logger.debug(
                 "client went away, cancelled upstream request %s", format_ids(ids)
             )
             raise
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            if response is not None and response.prepared:
-                return _abort_relay(request, response, exc, ids)
-            cause = exc.cause if isinstance(exc, _SendFailed) else exc
-            raise UpstreamError(pod, _stage(cause, note), cause) from cause
+        except InvalidRequestError as exc:
+            logger.info("rejected a request with 400: %s %s", exc, format_ids(ids))
+            return error_response(
+                400, f"invalid_{exc.part}", str(exc), value=exc.value[:200]
+            )
+        except UpstreamFailure as exc:
+            body_error = exc.cause
+            if isinstance(body_error, ClientBodyError) and not isinstance(
+                body_error.cause, RequestRejected
+            ):
+                return _client_body_failed(request, body_error, ids)
+            # A body beyond the limit or stalled raises `RequestRejected` in the
+            # forwarder's `GuardedBody`, which answers it from its `failure`.
+            raise UpstreamError(pod, exc.stage, exc.cause) from exc.cause
 
-    def _downstream_response(
-        self, upstream: aiohttp.ClientResponse, pod: Pod
+        try:
+            return await self._stream(request, upstream, pod, ids, on_continue)
+        except asyncio.CancelledError:
+            logger.debug(
+                "client went away, cancelled upstream response %s", format_ids(ids)
+            )
+            raise
+        finally:
+            upstream.release()
+
+    async def _stream(
+        self,
+        request: web.BaseRequest,
+        upstream: UpstreamResponse,
+        pod: Pod,
+        ids: dict[str, Any],
+        on_continue: object,
     ) -> web.StreamResponse:
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-        response.headers.extend(strip_hop_by_hop(upstream.headers))
+        """Relay the pod's response head and body to the client."""
+        whole = upstream.complete
+        response = _CoalescedResponse() if whole else web.StreamResponse()
+        response.set_status(upstream.status, upstream.reason)
+        response.headers.extend(_relayed_headers(upstream.headers))
         if self._routed_pod_header:
             response.headers[self._routed_pod_header] = str(pod.index)
+        if upstream.tunnel:
+            return await relay_tunnel(request, upstream, response, format_ids(ids))
+        # A pod that responded to an Expect request before its body leaves the
+        # client's body unsent, so the client connection cannot carry more.
+        unread_body = on_continue is not None and not upstream.request_sent
+        if unread_body:
+            response.force_close()
+
+        if whole:
+            # Errors of the pod's side come from upstream.read(); the writes
+            # fail only when the client is gone.
+            data = await upstream.read()
+            if await _client_write(response.prepare(request), ids):
+                await _client_write(response.write_eof(data), ids)
+            if unread_body:
+                # Closes after the buffered response is flushed, instead of
+                # aiohttp's lingering wait for a body that never comes.
+                request.protocol.force_close()
+            return response
+        if not await _client_write(response.prepare(request), ids):
+            return response
+        try:
+            while chunk := await upstream.read():
+                if not await _client_write(response.write(chunk), ids):
+                    return response
+        except (ConnectionError, TimeoutError, ValueError, ClientBodyError) as exc:
+            return _abort_relay(request, response, exc, ids)
+        await _client_write(response.write_eof(), ids)
+        if unread_body:
+            request.protocol.force_close()
         return response
+
+
+def _relayed_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Return the pod's response headers without hop-by-hop ones, order kept."""
+    named: set[str] = set()
+    for name, value in headers:
+        if name.lower() == "connection":
+            named.update(token.strip().lower() for token in value.split(","))
+    return [
+        (name, value)
+        for name, value in headers
+        if name.lower() not in HOP_BY_HOP and name.lower() not in named
+    ]
+
+
+def _client_body_failed(
+    request: web.BaseRequest, error: ClientBodyError, ids: dict[str, Any]
+) -> web.Response:
+    logger.info(
+        "rejected %s %s with 400: request body ended early or is invalid %s: %r",
+        request.method,
+        request.raw_path[:200],
+        format_ids(ids),
+        error.cause,
+    )
+    response = error_response(
+        400, "invalid_body", "the request body ended early or is invalid"
+    )
+    response.force_close()
+    return response
 
 
 def pod_request_headers(
@@ -327,28 +366,40 @@ def pod_request_headers(
 
 
 async def answer_expect(request: web.BaseRequest) -> web.Response | None:
-    """Send ``100 Continue`` for ``Expect: 100-continue``; reject other expectations.
+    """Return a 417 response for an expectation other than 100-continue, else None.
 
-    The proxy handles the expectation itself, right before it reads the
-    body, and never forwards Expect: aiohttp's client would take a pod's
-    interim 100 for the final response. Returns a 417 response for an
-    expectation other than 100-continue, else None.
+    ``Expect: 100-continue`` is forwarded to the pod by the relay, which
+    sends the client its ``100 Continue`` only once the pod sent one.
     """
     expect = request.headers.get("Expect")
-    if expect is None:
+    if expect is None or expect.strip().lower() == "100-continue":
         return None
-    if expect.strip().lower() != "100-continue":
-        return error_response(
-            417,
-            "invalid_expect",
-            f"Expect {expect[:100]!r} is not supported, only 100-continue",
-            header="Expect",
-        )
-    if request.version >= (1, 1) and request.writer is not None:
-        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        # The interim response is not part of the final response's size.
-        request.writer.output_size = 0
-    return None
+    return error_response(
+        417,
+        "invalid_expect",
+        f"Expect {expect[:100]!r} is not supported, only 100-continue",
+        header="Expect",
+    )
+
+
+def expects_continue(request: web.BaseRequest) -> bool:
+    """Return whether the client waits for ``100 Continue`` before its body."""
+    expect = request.headers.get("Expect")
+    return (
+        expect is not None
+        and request.version >= HttpVersion11
+        and expect.strip().lower() == "100-continue"
+    )
+
+
+async def send_continue(request: web.BaseRequest) -> None:
+    """Send the client ``100 Continue``, at most once per request."""
+    if request.get(_CONTINUE_SENT) or request.writer is None:
+        return
+    request[_CONTINUE_SENT] = True
+    await request.writer.write(_CONTINUE_LINE)
+    # The interim response is not part of the final response's size.
+    request.writer.output_size = 0
 
 
 def upstream_headers(
@@ -359,6 +410,7 @@ def upstream_headers(
     `trusted` are the networks of proxies whose X-Forwarded-* are kept.
     """
     headers = strip_hop_by_hop(request.headers)
+    # The relay sets Expect itself when it forwards 100-continue.
     headers.popall("Expect", None)
     set_forwarded_headers(headers, request, trusted)
     return headers
@@ -376,40 +428,24 @@ async def _client_write(write: Awaitable[object], ids: dict[str, Any]) -> bool:
     return True
 
 
-def _stage(cause: BaseException, note: _ConnectionNote) -> Stage:
-    """Return how far an attempt got before `cause` ended it."""
-    if not note.connected:
-        if isinstance(
-            cause, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError
-        ):
-            return Stage.CONNECT
-        return Stage.OTHER
-    if isinstance(cause, TimeoutError):
-        return Stage.TIMEOUT
-    if isinstance(cause, aiohttp.ClientConnectionError | ConnectionError):
-        return Stage.STALE if note.reused else Stage.SENT
-    return Stage.OTHER
-
-
-def _upstream_error(exc: BaseException, pod: Pod, ids: dict[str, Any]) -> web.Response:
-    if isinstance(exc, TimeoutError):
-        kind = "connect" if isinstance(exc, aiohttp.ConnectionTimeoutError) else "read"
+def _upstream_error(error: UpstreamError, ids: dict[str, Any]) -> web.Response:
+    pod = error.pod
+    if isinstance(error.cause, TimeoutError):
+        kind = "connect" if error.stage is Stage.CONNECT else "read"
         logger.warning("%s timeout from %s %s", kind, pod, format_ids(ids))
         return error_response(
             504, "pod_timeout", f"{kind} timeout from pod {pod.index}", pod=pod.index
         )
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        logger.warning(
-            "cannot connect to %s %s: %s", pod, format_ids(ids), exc.os_error
-        )
+    if error.stage is Stage.CONNECT:
+        logger.warning("cannot connect to %s %s: %r", pod, format_ids(ids), error.cause)
         return error_response(
             502, "pod_unreachable", f"cannot connect to pod {pod.index}", pod=pod.index
         )
-    logger.warning("request to %s failed %s: %r", pod, format_ids(ids), exc)
+    logger.warning("request to %s failed %s: %s", pod, format_ids(ids), error.cause)
     return error_response(
         502,
         "pod_error",
-        f"pod {pod.index} failed: {type(exc).__name__}",
+        f"pod {pod.index} failed: {type(error.cause).__name__}",
         pod=pod.index,
     )
 

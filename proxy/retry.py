@@ -156,7 +156,9 @@ async def read_body(
 
     The body is buffered only when `retries` is on, the method is in
     `RETRYABLE_METHODS` and the Content-Length is at most `buffer_bytes`.
-    Only such a request can be retried after it was written. Raises
+    Only such a request can be retried after it was written. A request with
+    ``Expect: 100-continue`` is streamed, because its client sends the body
+    only after the pod's ``100 Continue`` is relayed. Raises
     `asyncio.IncompleteReadError` when the client ends the body early, and
     ConnectionError when the client connection is lost.
     """
@@ -164,8 +166,10 @@ async def read_body(
         return RequestBody()
     source: BodySource = request.content if content is None else content
     length = request.content_length
+    expect = request.headers.get("Expect", "")
     if (
-        retries
+        expect.strip().lower() != "100-continue"
+        and retries
         and request.method in RETRYABLE_METHODS
         and length is not None
         and length <= buffer_bytes

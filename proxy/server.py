@@ -38,6 +38,7 @@ from proxy.services import Service, build_services
 from proxy.statetable import PodStates
 from proxy.store.base import LinkStore
 from proxy.store.memory import MemoryStore
+from proxy.upstream import UpstreamPool
 
 logger = logging.getLogger("stateful_route.server")
 
@@ -110,7 +111,7 @@ class ProxyServer:
         self._service_tasks: dict[str, list[asyncio.Task[None]]] = {}
         self.reloader = Reloader(self, os.environ if environ is None else environ)
         self.started_at = time.time()
-        self._session: aiohttp.ClientSession | None = None
+        self._upstream: UpstreamPool | None = None
         self._forwarder: Forwarder | None = None
         self._runners: list[web.ServerRunner] = []
         self.pod_agent: PodAgent | None = None
@@ -150,16 +151,8 @@ class ProxyServer:
         """
         await self.store.ping()
         proxy = self.config.proxy
-        connector = aiohttp.TCPConnector(
-            limit=0,
-            limit_per_host=proxy.upstream_connections_per_pod,
-            keepalive_timeout=proxy.upstream_idle_timeout_s,
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            auto_decompress=False,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            timeout=aiohttp.ClientTimeout(total=None),
+        self._upstream = UpstreamPool(
+            proxy.upstream_connections_per_pod, proxy.upstream_idle_timeout_s
         )
 
         if self.services:
@@ -168,7 +161,7 @@ class ProxyServer:
                 self.services,
                 self.router,
                 self.states,
-                self._session,
+                self._upstream,
                 self.metrics,
             )
             self._background_task(self.states.run(self._stopping), "pod-states")
@@ -180,7 +173,7 @@ class ProxyServer:
         pod = self.config.pod
         if pod is not None:
             self.pod_agent = PodAgent(pod, self.store)
-            self.pod_agent.start_relay(self._session)
+            self.pod_agent.start_relay(self._upstream)
             runner = await self._listen(self.pod_agent.handle, pod.host, pod.port)
             self.inbound_address = _bound_address(runner)
             # The first record goes out before start() returns, so routers
@@ -351,8 +344,8 @@ class ProxyServer:
             await self._probe_session.close()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
-        if self._session is not None:
-            await self._session.close()
+        if self._upstream is not None:
+            await self._upstream.close()
         await self.store.close()
         logger.info("stateful-route stopped")
 

@@ -134,9 +134,11 @@ class ScriptedPod:
             f"Content-Length: {len(body)}\r\n"
             "Connection: keep-alive\r\n\r\n"
         )
+        # Logged before the response is written, so a client that has read
+        # the response always finds the event in the log.
+        self.log("served", request)
         writer.write(head.encode("latin-1") + body)
         await writer.drain()
-        self.log("served", request)
 
         reused = await read_head(reader)
         if reused is not None:

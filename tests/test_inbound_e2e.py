@@ -471,10 +471,6 @@ async def test_target_reaches_pod_verbatim(proxy: Proxy, target: str) -> None:
     assert reply.json()["target"] == target
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="aiohttp's client drops an empty query; the raw-socket client fixes it",
-)
 async def test_empty_query_keeps_question_mark(proxy: Proxy) -> None:
     reply = await exchange(proxy.port, head("walker", "/?"))
 

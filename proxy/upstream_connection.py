@@ -1,0 +1,664 @@
+"""One keep-alive HTTP/1.1 connection to a pod, as an asyncio protocol.
+
+A connection carries one exchange at a time: it writes the request with
+write backpressure, parses the response with httptools, and buffers body
+chunks for the reader, pausing the transport when the buffer grows past
+`_HIGH_WATER` bytes. An idle-read timer restarts on every received byte
+and on every request body chunk written, so a slow but active stream is
+never cut.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, cast
+
+import httptools
+from aiohttp import StreamReader
+
+from proxy.errors import StatefulRouteError
+from proxy.retry import Stage
+
+if TYPE_CHECKING:
+    from proxy.upstream import UpstreamBody, UpstreamPool, _PodPool
+
+# Buffered response bytes above which reading from the pod pauses, and
+# below which it resumes.
+_HIGH_WATER = 256 * 1024
+_LOW_WATER = 64 * 1024
+# Seconds to wait for the pod's 100 Continue before sending the body
+# anyway, as RFC 9110, section 10.1.1 lets a client do. curl waits 1 s.
+_EXPECT_WAIT_S = 1.0
+# Statuses whose responses never have a body (RFC 9110, section 6.4.1).
+_BODYLESS_STATUSES = frozenset({204, 304})
+
+
+class UpstreamFailure(StatefulRouteError):
+    """A request to a pod that failed; `stage` is how far it got."""
+
+    def __init__(self, stage: Stage, cause: BaseException) -> None:
+        self.stage = stage
+        self.cause = cause
+        super().__init__(f"{stage.value} failure: {cause!r}")
+
+
+class InvalidRequestError(StatefulRouteError, ValueError):
+    """A request target or header that cannot go into a request unchanged."""
+
+    def __init__(self, part: str, value: str) -> None:
+        self.part = part
+        self.value = value
+        super().__init__(
+            f"invalid {part} {value[:200]!r}: it contains a space, CR, LF, NUL "
+            "or another control character"
+        )
+
+
+class ConnectTimeoutError(StatefulRouteError, TimeoutError):
+    """A connection to a pod that was not established within the connect timeout."""
+
+
+class PoolTimeoutError(StatefulRouteError, TimeoutError):
+    """No pooled connection to a pod came free within the wait."""
+
+
+class ReadTimeoutError(StatefulRouteError, TimeoutError):
+    """A pod that sent no byte within the read timeout."""
+
+
+class InvalidResponseError(StatefulRouteError, ValueError):
+    """A response that is not valid HTTP/1.1, or one the proxy does not relay."""
+
+
+class ConnectionClosedError(StatefulRouteError, ConnectionError):
+    """A pod connection that closed or was reset before the response ended."""
+
+
+class ClientBodyError(StatefulRouteError):
+    """Reading the client's request body failed, so the request was cut off."""
+
+    def __init__(self, cause: BaseException) -> None:
+        self.cause = cause
+        super().__init__(f"reading the client's request body failed: {cause!r}")
+
+
+class _HeadResponseDone(Exception):
+    """Raised from the parser callback to stop after the head of a HEAD response."""
+
+
+class UpstreamResponse:
+    """The final response of a pod: status, reason, headers and a streamed body.
+
+    `headers` lists every header line in order, repeats included.
+    """
+
+    __slots__ = (
+        "_connection",
+        "_released",
+        "content_length",
+        "headers",
+        "reason",
+        "request_sent",
+        "status",
+    )
+
+    def __init__(
+        self,
+        connection: Connection,
+        status: int,
+        reason: str,
+        headers: list[tuple[str, str]],
+        content_length: int | None,
+    ) -> None:
+        self._connection = connection
+        self._released = False
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.content_length = content_length
+        # False when the pod responded before the whole request body was sent.
+        self.request_sent = False
+
+    @property
+    def complete(self) -> bool:
+        """Whether the whole body is buffered, so `read` will not wait."""
+        return self._connection.message_complete
+
+    async def read(self) -> bytes:
+        """Return the body bytes buffered so far, waiting for some; b"" at the end.
+
+        Raises `ConnectionClosedError` when the pod ended the body early,
+        `ReadTimeoutError` after the read timeout, and `InvalidResponseError`
+        for an invalid body.
+        """
+        return await self._connection.read_body()
+
+    @property
+    def tunnel(self) -> bool:
+        """Whether the pod switched protocols (101), so the body is raw bytes."""
+        return self._connection.tunnel
+
+    def write(self, data: bytes) -> None:
+        """Write raw bytes to the pod through a tunnel opened by a 101."""
+        self._connection.write_tunnel(data)
+
+    def release(self) -> None:
+        """Return the connection to the pool, or close it if it cannot be reused.
+
+        It is reused only after a complete response without
+        ``Connection: close`` to a request that was sent whole.
+        """
+        if self._released:
+            return
+        self._released = True
+        self._connection.finish()
+
+
+class Connection(asyncio.Protocol):
+    """One TCP connection to a pod, carrying one exchange at a time."""
+
+    def __init__(self, owner: UpstreamPool, pool: _PodPool) -> None:
+        self.owner = owner
+        self.pool = pool
+        self.reused = False
+        # Set once the pool counts the connection in its pool's `open`.
+        self.counted = False
+        self.idle_since = 0.0
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpResponseParser(self)
+        self._closed = False
+        self._broken = False
+        self._active = False
+        self._write_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._reading_paused = False
+        self.tunnel = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._read_timeout_s: float | None = None
+        self._last_activity = 0.0
+        self._chunks: deque[bytes] = deque()
+        self._reset_exchange()
+
+    def _reset_exchange(self) -> None:
+        self._head_only = False
+        self._upgrade = False
+        self._head_waiter: asyncio.Future[UpstreamResponse] | None = None
+        self._continue_waiter: asyncio.Future[None] | None = None
+        self._response: UpstreamResponse | None = None
+        self._headers: list[tuple[str, str]] = []
+        self._reason = ""
+        self._content_lengths = 0
+        self._transfer_encoding: str | None = None
+        self._keep_alive = False
+        self._received = False
+        self._chunks.clear()
+        self._buffered = 0
+        self._body_waiter: asyncio.Future[None] | None = None
+        self.message_complete = False
+        self._error: BaseException | None = None
+        self._sender: asyncio.Task[None] | None = None
+        self._request_sent = False
+
+    @property
+    def usable(self) -> bool:
+        """Whether the connection is open, idle and fit to carry a request."""
+        transport = self._transport
+        return (
+            transport is not None
+            and not transport.is_closing()
+            and not self._broken
+            and not self._active
+        )
+
+    # Exchange.
+
+    async def exchange(
+        self,
+        head: bytes,
+        body: UpstreamBody,
+        *,
+        chunked: bool,
+        head_only: bool,
+        upgrade: bool,
+        read_timeout_s: float | None,
+        on_continue: Callable[[], Awaitable[None]] | None,
+    ) -> UpstreamResponse:
+        """Send one request and return its final response once its head arrived.
+
+        With `upgrade`, a 101 response turns the connection into a tunnel
+        whose bytes `read` and `write` carry.
+        """
+        assert self._transport is not None and not self._active
+        self._active = True
+        self._head_only = head_only
+        self._upgrade = upgrade
+        self._read_timeout_s = read_timeout_s
+        head_waiter = self._head_waiter = self._loop.create_future()
+        try:
+            return await self._send(head, body, chunked, on_continue, head_waiter)
+        except BaseException:
+            # No caller awaits the head now, so a later failure must not
+            # leave an exception that is never retrieved.
+            if not head_waiter.done():
+                head_waiter.cancel()
+            raise
+
+    async def _send(
+        self,
+        head: bytes,
+        body: UpstreamBody,
+        chunked: bool,
+        on_continue: Callable[[], Awaitable[None]] | None,
+        head_waiter: asyncio.Future[UpstreamResponse],
+    ) -> UpstreamResponse:
+        transport = self._transport
+        assert transport is not None
+        if on_continue is not None:
+            continued = self._continue_waiter = self._loop.create_future()
+            transport.write(head)
+            self._start_timer()
+            await asyncio.wait(
+                (head_waiter, continued),
+                timeout=_EXPECT_WAIT_S,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if head_waiter.done():
+                # The pod sent a final response before the body, so the body
+                # is never sent and the connection cannot carry another one.
+                self._broken = True
+                return self._head_result(head_waiter)
+            await on_continue()
+            self._sender = self._loop.create_task(self._send_body(body, chunked))
+        elif body is None:
+            transport.write(head)
+            self._request_sent = True
+        elif isinstance(body, bytes):
+            transport.write(head + body if len(body) < 65536 else head)
+            if len(body) >= 65536:
+                transport.write(body)
+            self._request_sent = True
+            await self._drain()
+        else:
+            transport.write(head)
+            self._sender = self._loop.create_task(self._send_body(body, chunked))
+        if self._timer is None:
+            self._start_timer()
+
+        await head_waiter
+        return self._head_result(head_waiter)
+
+    def _head_result(
+        self, waiter: asyncio.Future[UpstreamResponse]
+    ) -> UpstreamResponse:
+        response = waiter.result()
+        response.request_sent = self._request_sent
+        return response
+
+    async def _send_body(self, body: UpstreamBody, chunked: bool) -> None:
+        """Write a streamed body, then mark the request sent.
+
+        A failed read of the client's body aborts the connection, so the pod
+        sees a cut request, and fails the exchange with `ClientBodyError`.
+        """
+        chunks: AsyncIterator[bytes]
+        if isinstance(body, StreamReader):
+            chunks = body.iter_any()
+        elif isinstance(body, bytes):
+            chunks = _one_chunk(body)
+        else:
+            assert body is not None
+            chunks = body
+        transport = self._transport
+        assert transport is not None
+        try:
+            async for chunk in chunks:
+                if not chunk or self._closed:
+                    continue
+                if chunked:
+                    transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                else:
+                    transport.write(chunk)
+                # An upload in progress keeps the read timeout from firing,
+                # because a pod may respond only after the whole body.
+                self._last_activity = self._loop.time()
+                await self._drain()
+            if chunked and not self._closed:
+                transport.write(b"0\r\n\r\n")
+        except asyncio.CancelledError:
+            raise
+        except ConnectionClosedError:
+            # The pod closed the connection, which connection_lost reports.
+            return
+        except Exception as exc:
+            self._fail(ClientBodyError(exc))
+            self.close()
+            return
+        self._request_sent = True
+        if self._response is not None:
+            self._response.request_sent = True
+
+    async def read_body(self) -> bytes:
+        while not self._chunks:
+            if self.message_complete:
+                return b""
+            if self._error is not None:
+                raise self._error
+            waiter = self._body_waiter = self._loop.create_future()
+            try:
+                await waiter
+            finally:
+                self._body_waiter = None
+        if len(self._chunks) == 1:
+            data = self._chunks.popleft()
+        else:
+            data = b"".join(self._chunks)
+            self._chunks.clear()
+        self._buffered = 0
+        if self._reading_paused and self._transport is not None:
+            self._reading_paused = False
+            self._transport.resume_reading()
+        return data
+
+    def write_tunnel(self, data: bytes) -> None:
+        if not self.tunnel:
+            raise RuntimeError("write() needs a tunnel opened by a 101 response")
+        if self._transport is not None and not self._closed:
+            self._transport.write(data)
+
+    def finish(self) -> None:
+        """End the exchange: back to the pool when reusable, else closed."""
+        reusable = (
+            self.message_complete
+            and self._keep_alive
+            and self._request_sent
+            and not self._head_only
+            and not self.tunnel
+            and not self._broken
+            and not self._closed
+            and self._error is None
+        )
+        sender = self._sender
+        if sender is not None and not sender.done():
+            sender.cancel()
+            reusable = False
+        self._cancel_timer()
+        self._reset_exchange()
+        self._active = False
+        if self._reading_paused and self._transport is not None:
+            self._reading_paused = False
+            self._transport.resume_reading()
+        self.owner.release(self, reusable)
+
+    def close(self) -> None:
+        self._broken = True
+        if self._transport is not None and not self._closed:
+            self._transport.abort()
+
+    # Write backpressure.
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _drain(self) -> None:
+        if self._closed:
+            raise ConnectionClosedError("the pod closed the connection")
+        if not self._write_paused:
+            return
+        waiter = self._drain_waiter = self._loop.create_future()
+        try:
+            await waiter
+        finally:
+            self._drain_waiter = None
+        if self._closed:
+            raise ConnectionClosedError("the pod closed the connection")
+
+    # Protocol callbacks.
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport.
+        self._transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._last_activity = self._loop.time()
+        if not self._active or self.message_complete:
+            # Bytes that no request asked for mean the connection is out of step.
+            self.close()
+            return
+        self._received = True
+        if self.tunnel:
+            self.on_body(data)
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, _HeadResponseDone):
+                self._complete_message()
+                return
+            if not isinstance(cause, InvalidResponseError):
+                cause = InvalidResponseError(f"invalid response: {exc}")
+            self._fail(cause)
+            self.close()
+        except httptools.HttpParserUpgrade as upgrade:
+            if not self.tunnel:
+                self._fail(InvalidResponseError("unexpected upgrade in a response"))
+                self.close()
+                return
+            offset = int(upgrade.args[0])
+            if offset < len(data):
+                self.on_body(data[offset:])
+        except httptools.HttpParserError as exc:
+            self._fail(InvalidResponseError(f"invalid response: {exc}"))
+            self.close()
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self._broken = True
+        self._cancel_timer()
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        if self._active and not self.message_complete:
+            if self._close_delimited and exc is None:
+                self._complete_message()
+            else:
+                self._fail(self._closed_error(exc))
+        self.owner.forget(self)
+
+    @property
+    def _close_delimited(self) -> bool:
+        """Whether the body in progress ends when the pod closes the connection."""
+        return self._response is not None and (
+            self.tunnel
+            or (
+                self._response.content_length is None
+                and self._transfer_encoding is None
+            )
+        )
+
+    def _closed_error(self, exc: Exception | None) -> ConnectionClosedError:
+        reason = "reset" if isinstance(exc, ConnectionResetError) else "closed"
+        if self._response is not None:
+            return ConnectionClosedError(
+                f"the pod {reason} the connection before the end of the body"
+            )
+        if self._received:
+            return ConnectionClosedError(
+                f"the pod {reason} the connection in the middle of the response head"
+            )
+        return ConnectionClosedError(
+            f"the pod {reason} the connection before responding"
+        )
+
+    # Parser callbacks, called by httptools during feed_data.
+
+    def on_message_begin(self) -> None:
+        self._headers = []
+        self._content_lengths = 0
+        self._transfer_encoding = None
+
+    def on_status(self, status: bytes) -> None:
+        self._reason = status.decode("latin-1")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        decoded = name.decode("utf-8", "surrogateescape")
+        lowered = decoded.lower()
+        if lowered == "content-length":
+            self._content_lengths += 1
+        elif lowered == "transfer-encoding":
+            self._transfer_encoding = value.decode("latin-1").strip().lower()
+        self._headers.append((decoded, value.decode("utf-8", "surrogateescape")))
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if status == 101 and self._upgrade:
+            # A tunnel has no read timeout, because a WebSocket may stay
+            # quiet for long.
+            self.tunnel = True
+            self._cancel_timer()
+            response = UpstreamResponse(self, status, self._reason, self._headers, None)
+            self._response = response
+            waiter = self._head_waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(response)
+            return
+
+        if status < 200:
+            if status == 101:
+                raise InvalidResponseError("101 Switching Protocols without Upgrade")
+            # An interim response is skipped. A 100 lets an Expect request
+            # send its body.
+            continued = self._continue_waiter
+            if status == 100 and continued is not None and not continued.done():
+                continued.set_result(None)
+            return
+
+        if self._transfer_encoding not in (None, "chunked"):
+            raise InvalidResponseError(
+                f"unsupported Transfer-Encoding {self._transfer_encoding!r}"
+            )
+        self._keep_alive = self._parser.should_keep_alive()
+        bodyless = self._head_only or status in _BODYLESS_STATUSES
+        content_length = None
+        if self._content_lengths:
+            content_length = int(_header(self._headers, "content-length"))
+        elif bodyless:
+            content_length = 0
+
+        response = UpstreamResponse(
+            self, status, self._reason, self._headers, content_length
+        )
+        self._response = response
+        waiter = self._head_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(response)
+        if self._head_only:
+            # llhttp would wait for a body of Content-Length bytes, because it
+            # does not know the request was HEAD. NOTE: the parser cannot go
+            # on after this stop, so a connection is never reused after HEAD.
+            raise _HeadResponseDone
+
+    def on_body(self, body: bytes) -> None:
+        self._chunks.append(body)
+        self._buffered += len(body)
+        if self._buffered > _HIGH_WATER and not self._reading_paused:
+            self._reading_paused = True
+            assert self._transport is not None
+            self._transport.pause_reading()
+        self._wake_reader()
+
+    def on_message_complete(self) -> None:
+        # llhttp also ends the message of a 101, but a tunnel ends at close.
+        if self._response is not None and not self.tunnel:
+            self._complete_message()
+
+    # Internals.
+
+    def _complete_message(self) -> None:
+        self.message_complete = True
+        self._cancel_timer()
+        self._wake_reader()
+
+    def _fail(self, error: BaseException) -> None:
+        if self._error is not None or self.message_complete:
+            return
+        self._error = error
+        self._cancel_timer()
+        waiter = self._head_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(UpstreamFailure(self._stage(error), error))
+        continued = self._continue_waiter
+        if continued is not None and not continued.done():
+            continued.set_result(None)
+        self._wake_reader()
+
+    def _stage(self, error: BaseException) -> Stage:
+        if isinstance(error, ReadTimeoutError):
+            return Stage.TIMEOUT
+        if isinstance(error, ConnectionClosedError) and not self._received:
+            if not self.reused:
+                return Stage.SENT
+            # The pod most likely closed its idle connections, as on a
+            # restart, so the retry of a stale request gets a new one.
+            self.owner.close_idle(self.pool)
+            return Stage.STALE
+        if isinstance(error, ConnectionClosedError) and self._response is None:
+            return Stage.SENT
+        return Stage.OTHER
+
+    def _wake_reader(self) -> None:
+        waiter = self._body_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _start_timer(self) -> None:
+        if self._read_timeout_s is None or self.tunnel:
+            return
+        self._last_activity = self._loop.time()
+        self._timer = self._loop.call_at(
+            self._last_activity + self._read_timeout_s, self._check_timeout
+        )
+
+    def _check_timeout(self) -> None:
+        timeout = self._read_timeout_s
+        assert timeout is not None
+        now = self._loop.time()
+        if self._reading_paused:
+            # The caller lags behind, so the pod is not the one that is silent.
+            self._last_activity = now
+        if now - self._last_activity < timeout:
+            self._timer = self._loop.call_at(
+                self._last_activity + timeout, self._check_timeout
+            )
+            return
+        self._timer = None
+        self._fail(ReadTimeoutError(f"no data from the pod for {timeout}s"))
+        self.close()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+async def _one_chunk(body: bytes) -> AsyncIterator[bytes]:
+    yield body
+
+
+def _header(headers: list[tuple[str, str]], lowered_name: str) -> str:
+    for name, value in headers:
+        if name.lower() == lowered_name:
+            return value
+    raise KeyError(lowered_name)

@@ -1,0 +1,157 @@
+"""End-to-end tests of WebSocket upgrades through ``stateful-route run``.
+
+The proxy runs as a subprocess in front of one ``tests/ws_pod_app.py`` pod.
+The tests use aiohttp's WebSocket client, and a raw socket where the exact
+bytes of a refused upgrade matter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from conftest import LOOPBACK, free_port
+from test_e2e import (
+    READY_TIMEOUT_S,
+    Document,
+    ProxyProcess,
+    accepts_connections,
+    log_tail,
+    spawn,
+    start_proxy,
+    stop_process,
+)
+from test_upstream_e2e import close_client, read_framed
+
+WS_POD = Path(__file__).with_name("ws_pod_app.py")
+CLIENT_TIMEOUT = aiohttp.ClientTimeout(total=20)
+ROUTING = {"X-Uid": "talker", "X-Service": "chat"}
+
+
+@pytest.fixture(scope="module")
+def ws_pod(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    directory = tmp_path_factory.mktemp("ws-pod")
+    port = free_port()
+    output = directory / "pod.log"
+    process = spawn([sys.executable, str(WS_POD), "--port", str(port)], output)
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not accepts_connections(port):
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"WebSocket pod did not start: {log_tail(output)}")
+            time.sleep(0.02)
+        yield port
+    finally:
+        stop_process(process)
+
+
+@pytest.fixture
+async def proxy(tmp_path: Path, ws_pod: int) -> AsyncIterator[ProxyProcess]:
+    document: Document = {
+        "proxy": {"host": LOOPBACK, "shutdown_timeout_s": 2.0},
+        "admin": {"host": LOOPBACK},
+        "store": {"backend": "memory"},
+        "log": {"level": "info"},
+        # The short read timeout shows that a quiet WebSocket outlives it.
+        "services": {"chat": {"pods": [f"{LOOPBACK}:{ws_pod}"], "read_timeout_s": 1.0}},
+    }
+    started = await start_proxy(tmp_path, document, 0)
+    try:
+        yield started
+    finally:
+        stop_process(started.process)
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=CLIENT_TIMEOUT) as session:
+        yield session
+
+
+async def test_websocket_frames_relayed_both_ways(
+    proxy: ProxyProcess, client: aiohttp.ClientSession
+) -> None:
+    async with client.ws_connect(
+        f"{proxy.url}/ws", headers=ROUTING, protocols=("chat.v1",)
+    ) as socket:
+        protocol = socket.protocol
+        replies = []
+        for text in ("one", "two", "three"):
+            await socket.send_str(text)
+            replies.append(await socket.receive_str(timeout=5))
+        await socket.send_bytes(b"\x00\xffbinary")
+        binary = await socket.receive_bytes(timeout=5)
+
+    assert protocol == "chat.v1"
+    assert replies == ["echo:one", "echo:two", "echo:three"]
+    assert binary == b"\x00\xffbinary"
+
+
+async def test_websocket_close_code_and_reason_kept(
+    proxy: ProxyProcess, client: aiohttp.ClientSession
+) -> None:
+    async with client.ws_connect(f"{proxy.url}/ws", headers=ROUTING) as socket:
+        await socket.send_str("close-me")
+        message = await socket.receive(timeout=5)
+
+    assert message.type is aiohttp.WSMsgType.CLOSE
+    assert message.data == 4001
+    assert message.extra == "bye"
+
+
+async def test_quiet_websocket_outlives_read_timeout(
+    proxy: ProxyProcess, client: aiohttp.ClientSession
+) -> None:
+    async with client.ws_connect(
+        f"{proxy.url}/ws", headers=ROUTING, autoping=False
+    ) as socket:
+        # Quiet for longer than the service's 1 s read timeout.
+        await asyncio.sleep(1.5)
+        await socket.send_str("still here")
+        reply = await socket.receive_str(timeout=5)
+
+    assert reply == "echo:still here"
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "body"),
+    [("/ws-denied", 401, b"no ticket"), ("/ws-missing", 404, b"404: Not Found")],
+)
+async def test_refused_upgrade_stays_http(
+    proxy: ProxyProcess, path: str, status: int, body: bytes
+) -> None:
+    head = (
+        f"GET {path} HTTP/1.1\r\n"
+        f"Host: {LOOPBACK}\r\n"
+        "X-Uid: talker\r\n"
+        "X-Service: chat\r\n"
+        "Connection: Upgrade\r\n"
+        "Upgrade: websocket\r\n"
+        "Sec-WebSocket-Version: 13\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        "\r\n"
+    )
+    reader, writer = await asyncio.open_connection(LOOPBACK, proxy.port)
+    try:
+        writer.write(head.encode("latin-1"))
+        await writer.drain()
+        refused = await read_framed(reader)
+        writer.write(
+            f"GET /plain HTTP/1.1\r\nHost: {LOOPBACK}\r\n"
+            "X-Uid: talker\r\nX-Service: chat\r\n\r\n".encode("latin-1")
+        )
+        await writer.drain()
+        after = await read_framed(reader)
+    finally:
+        await close_client(writer)
+
+    assert refused.status == status
+    assert refused.body.startswith(body)
+    assert "Upgrade" not in refused.headers
+    assert after.status == 200
+    assert after.body == b"plain"

@@ -9,11 +9,12 @@ and the store.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
@@ -35,6 +36,9 @@ from proxy.services import Service, build_services
 from proxy.statetable import PodStates
 from proxy.store.base import LinkStore
 from proxy.store.memory import MemoryStore
+
+if TYPE_CHECKING:
+    from proxy.invalidation import Invalidator
 
 logger = logging.getLogger("stateful_route.server")
 
@@ -73,10 +77,15 @@ class ProxyServer:
 
     :param config: the validated configuration.
     :param store: a store to use instead of the one `config` selects.
+    :param worker: index of this process among ``proxy.workers``; worker i
+        serves the admin API on ``admin.port + i`` (or a free port for 0).
     """
 
-    def __init__(self, config: Config, store: LinkStore | None = None) -> None:
+    def __init__(
+        self, config: Config, store: LinkStore | None = None, worker: int = 0
+    ) -> None:
         self.config = config
+        self.worker = worker
         self.store = store if store is not None else create_store(config.store)
         self.services: dict[str, Service] = build_services(config.services)
         self.cache = LinkCache(
@@ -106,6 +115,9 @@ class ProxyServer:
         self.proxy_address = ""
         self.admin_address = ""
         self.metrics = Metrics(self)
+        self.invalidator: Invalidator | None = None
+        # Invalidations connect to store.redis_url, so only for that store.
+        self._store_from_config = store is None
 
     @property
     def in_flight(self) -> int:
@@ -134,6 +146,7 @@ class ProxyServer:
         OSError when a port cannot be bound.
         """
         await self.store.ping()
+        await self._start_invalidation()
         proxy = self.config.proxy
         connector = aiohttp.TCPConnector(
             limit=0,
@@ -179,9 +192,41 @@ class ProxyServer:
                 build_admin_app(self), access_log=None, handle_signals=False
             )
             await self._admin_runner.setup()
-            admin_site = web.TCPSite(self._admin_runner, admin.host, admin.port)
+            admin_port = admin.port + self.worker if admin.port else 0
+            admin_site = web.TCPSite(self._admin_runner, admin.host, admin_port)
             await admin_site.start()
             self.admin_address = _bound_address(self._admin_runner)
+
+    async def _start_invalidation(self) -> None:
+        """Keep the link cache coherent through Redis, where Redis can do it."""
+        settings = self.config.store
+        if not self._store_from_config or settings.backend != "redis":
+            return
+        if not self.cache.enabled:
+            return
+        if getattr(self.store, "cluster", False):
+            logger.warning(
+                "Redis Cluster: no invalidations, so a link changed elsewhere "
+                "is seen after at most store.local_cache_ttl_s = %gs",
+                settings.local_cache_ttl_s,
+            )
+            return
+        from proxy.invalidation import Invalidator
+
+        self.invalidator = Invalidator(
+            settings.redis_url,
+            self.store,
+            self.cache,
+            connect_timeout_s=settings.redis_connect_timeout_s,
+        )
+        self._background_task(self.invalidator.run(self._stopping), "invalidation")
+        # Until the first attempt ends the cache is suspended; waiting here
+        # lets the first requests already use it.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(
+                self.invalidator.first_round.wait(),
+                settings.redis_connect_timeout_s + 1.0,
+            )
 
     @property
     def _access_log(self) -> dict[str, Any]:
@@ -209,7 +254,10 @@ class ProxyServer:
         )
         await runner.setup()
         self._runners.append(runner)
-        await web.TCPSite(runner, host, port).start()
+        # With several workers each process binds the same port, and the
+        # kernel spreads new connections over them.
+        reuse_port = self.config.proxy.workers > 1 or None
+        await web.TCPSite(runner, host, port, reuse_port=reuse_port).start()
         return runner
 
     def _start_health(self) -> None:
@@ -254,6 +302,8 @@ class ProxyServer:
             )
         parts.append(f"admin {self.admin_address or 'disabled'}")
         parts.append(f"store {describe_store(self.store)}")
+        if self.config.proxy.workers > 1:
+            parts.append(f"worker {self.worker} of {self.config.proxy.workers}")
         logger.info("stateful-route %s", "; ".join(parts))
 
     async def drain_pod(self) -> None:
@@ -324,9 +374,11 @@ def _bound_address(runner: web.BaseRunner) -> str:
     return ""
 
 
-async def serve(config: Config, stop_signals: Sequence[int] = ()) -> None:
+async def serve(
+    config: Config, stop_signals: Sequence[int] = (), worker: int = 0
+) -> None:
     """Run a proxy until one of `stop_signals` arrives, then stop it."""
-    server = ProxyServer(config)
+    server = ProxyServer(config, worker=worker)
     try:
         await server.start()
     except BaseException:

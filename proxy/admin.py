@@ -11,6 +11,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
@@ -107,12 +108,19 @@ async def status(request: web.Request) -> web.Response:
     return json_response(
         {
             "uptime_s": round(time.time() - server.started_at, 3),
+            "pid": os.getpid(),
+            "worker": server.worker,
             "in_flight": server.in_flight,
             "store": server.store.backend,
             "local_cache": {
                 "entries": len(server.cache),
                 "hits": server.cache.hits,
                 "misses": server.cache.misses,
+                "coherent": server.invalidator is not None
+                and server.invalidator.connected,
+                "invalidated_keys": 0
+                if server.invalidator is None
+                else server.invalidator.invalidated_keys,
             },
             "retries": server.retry_counters,
         }

@@ -4,8 +4,9 @@ These endpoints accept the configured services that serve the namespace.
 They also accept the service of this sidecar's ``[pod]`` role in its own
 namespace, so the application beside a pod can create persistent links.
 After every change this proxy drops the link's entry from its local cache
-and so routes on the new link at once. Other proxies keep a cached pod until
-their entry expires (``store.local_cache_ttl_s``).
+and so routes on the new link at once. Other proxies on the same Redis
+server drop their entry when Redis reports the change (`proxy.invalidation`);
+on Redis Cluster they keep it until it expires (``store.local_cache_ttl_s``).
 """
 
 from __future__ import annotations

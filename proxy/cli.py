@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Coroutine, Sequence
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 import uvloop
 
 from proxy import __version__
-from proxy.config import Config, load_config
+from proxy.config import ENV_PREFIX, Config, load_config
 from proxy.errors import ConfigError, StoreUnavailableError
 from proxy.logs import setup_logging
 
@@ -45,6 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("debug", "info", "warning", "error"),
         help="log level, overriding log.level of the configuration",
     )
+    run.add_argument(
+        "--workers",
+        type=int,
+        help="number of proxy processes sharing proxy.port, 1 to 64, overriding "
+        "proxy.workers of the configuration",
+    )
+    # Set by the supervisor on the processes it starts.
+    run.add_argument("--worker", type=int, help=argparse.SUPPRESS)
 
     check = commands.add_parser(
         "check", help="validate a configuration file and exit", allow_abbrev=False
@@ -108,9 +117,18 @@ def command_check(path: str) -> int:
     return EXIT_OK
 
 
-def command_run(path: str, log_level: str | None) -> int:
+def command_run(
+    path: str,
+    log_level: str | None,
+    workers: int | None = None,
+    worker: int | None = None,
+) -> int:
     from proxy.server import RELOAD_SIGNALS, STOP_SIGNALS, serve
 
+    if workers is not None:
+        # Through the environment, so the workers inherit it and the value
+        # is validated like proxy.workers.
+        os.environ[f"{ENV_PREFIX}PROXY_WORKERS"] = str(workers)
     try:
         config: Config = load_config(path)
     except ConfigError as exc:
@@ -119,8 +137,17 @@ def command_run(path: str, log_level: str | None) -> int:
     setup_logging(
         log_level or config.log.level, config.log.format, config.log.access_log
     )
+    if worker is None and config.proxy.workers > 1:
+        from proxy.supervisor import Supervisor, worker_command
+
+        supervisor = Supervisor(
+            worker_command(path, log_level),
+            config.proxy.workers,
+            config.proxy.shutdown_timeout_s,
+        )
+        return supervisor.run()
     try:
-        _run_loop(serve(config, STOP_SIGNALS, RELOAD_SIGNALS))
+        _run_loop(serve(config, STOP_SIGNALS, RELOAD_SIGNALS, worker or 0))
     except StoreUnavailableError as exc:
         logger.error(
             "cannot start: %s. Check store.redis_url and that Redis runs",
@@ -161,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check":
         return command_check(args.config)
     if args.command == "run":
-        return command_run(args.config, args.log_level)
+        return command_run(args.config, args.log_level, args.workers, args.worker)
     return command_demo(args.host, args.port, args.pods, args.admin_port)
 
 

@@ -83,6 +83,8 @@ class ProxySettings:
     keepalive_timeout_s: float = _setting(75.0, above=0)
     # Peers, as CIDR networks, whose X-Forwarded-* headers are kept.
     trusted_proxies: tuple[str, ...] = ()
+    # Processes serving proxy.port with SO_REUSEPORT under one supervisor.
+    workers: int = _setting(1, low=1, high=64)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -642,6 +644,40 @@ def _check_redis_url(url: str) -> list[str]:
     return []
 
 
+def _workers_problems(
+    proxy: ProxySettings,
+    admin: AdminSettings,
+    store: StoreSettings,
+    pod: PodSettings | None,
+) -> list[str]:
+    """Return the problems of running `proxy.workers` > 1 processes."""
+    workers = proxy.workers
+    problems = []
+    if store.backend == "memory":
+        problems.append(
+            f'proxy.workers = {workers}: needs store.backend = "redis", because '
+            "each worker has its own memory store and the same user would get "
+            "a different pod in each"
+        )
+    if proxy.port == 0:
+        problems.append(
+            f"proxy.workers = {workers}: needs a fixed proxy.port, because with "
+            "port 0 each worker would get a port of its own"
+        )
+    if pod is not None:
+        problems.append(
+            f"proxy.workers = {workers}: not supported with a [pod] section, "
+            "because one process publishes and drains the pod; use 1"
+        )
+    last_admin_port = admin.port + workers - 1
+    if admin.enabled and admin.port and last_admin_port > 65535:
+        problems.append(
+            f"proxy.workers = {workers}: worker i serves the admin API on "
+            f"admin.port + i, and {last_admin_port} is above 65535"
+        )
+    return problems
+
+
 def _check_cross_section(
     sections: dict[str, Any],
     services: dict[str, ServiceSettings],
@@ -711,6 +747,8 @@ def _check_cross_section(
         )
     if store.backend == "redis":
         problems.extend(_check_redis_url(store.redis_url))
+    if proxy.workers > 1:
+        problems.extend(_workers_problems(proxy, admin, store, pod))
     if not declared:
         problems.append(
             "no services: add at least one [services.NAME] section or a [pod] section"

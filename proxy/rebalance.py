@@ -11,9 +11,10 @@ pods, whose users are meant to stay.
 Counts come from the per-pod index, which is a hint: each removal re-checks
 the link atomically with `remove_if_temporary`.
 
-NOTE: another proxy instance keeps a removed link in its local cache for up
-to ``local_cache_ttl_s``, so for that long it can send the user to the old
-pod while this proxy places the user anew.
+NOTE: on Redis Cluster another proxy instance keeps a removed link in its
+local cache for up to ``local_cache_ttl_s``, so for that long it can send
+the user to the old pod while this proxy places the user anew. With one Redis server
+it drops the entry when Redis reports the removal (`proxy.invalidation`).
 """
 
 from __future__ import annotations

@@ -48,6 +48,7 @@ RESTART_SETTINGS: Mapping[str, tuple[str, ...]] = {
     "proxy": (
         "host",
         "port",
+        "workers",
         "namespace_header",
         "uid_header",
         "service_header",

@@ -35,7 +35,9 @@ request, through whichever proxy, reads the notice with the link and carries
 
 While the store is unavailable, a UID that is not in the local cache is
 placed by the service's consistent hash over the usable routable pods, and
-no link is written (`Origin.DEGRADED`). Every proxy with the same pods and
+no link is written (`Origin.DEGRADED`). The cache is suspended when its
+invalidations from Redis stop, which an outage also causes, and a UID that
+was cached at that moment keeps that pod instead. Every proxy with the same pods and
 equal loads picks the same pod, so users keep sticking during an outage of
 Redis. The router remembers these placements for the link TTL: repeated
 requests keep their pod even when the bounded load would choose another,
@@ -390,15 +392,22 @@ class Router:
         return self._pick(key[0], service, pod_set, key[2], view)
 
     def _place_degraded(self, key: _Key, service: Service, pod_set: PodSet) -> Route:
-        """Place a UID by the consistent hash while the store is unavailable."""
+        """Place a UID while the store is unavailable.
+
+        The order: a placement made earlier in the outage, the pod cached
+        before the cache was suspended, then the consistent hash.
+        """
         namespace, _, uid = key
         view = self.health_view(namespace, service, pod_set)
         pod = self._remembered(key, service, pod_set, view)
+        if pod is None:
+            pod = self._cached_before_outage(key, service, pod_set, view)
         if pod is None:
             candidates = self._candidates(service, view)
             if not candidates:
                 raise NoPodError(namespace, service.name)
             pod = service.placement.pick(candidates, uid, pod_set)
+        if key not in self._degraded:
             if len(self._degraded) >= _MAX_DEGRADED_PLACEMENTS:
                 del self._degraded[next(iter(self._degraded))]
             self._degraded[key] = (pod.index, self._clock() + self.link_ttl_s)
@@ -412,6 +421,22 @@ class Router:
             namespace,
         )
         return Route(pod, Origin.DEGRADED)
+
+    def _cached_before_outage(
+        self, key: _Key, service: Service, pod_set: PodSet, view: HealthView
+    ) -> Pod | None:
+        """Return the pod the local cache had for `key` before it was suspended.
+
+        The cache is suspended when its invalidations from Redis stop, which
+        a Redis outage also causes, so users cached then keep their pod.
+        """
+        index = self.cache.stale_pod(key)
+        if index is None:
+            return None
+        status = pod_set.get(index)
+        if status is None or not self._keeps(service, view, status):
+            return None
+        return status.pod
 
     def _remembered(
         self, key: _Key, service: Service, pod_set: PodSet, view: HealthView

@@ -9,12 +9,13 @@ and the store.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
@@ -39,6 +40,9 @@ from proxy.statetable import PodStates
 from proxy.store.base import LinkStore
 from proxy.store.memory import MemoryStore
 from proxy.upstream import UpstreamPool
+
+if TYPE_CHECKING:
+    from proxy.invalidation import Invalidator
 
 logger = logging.getLogger("stateful_route.server")
 
@@ -79,6 +83,8 @@ class ProxyServer:
     :param store: a store to use instead of the one `config` selects.
     :param environ: the environment that reloads read overrides from; a
         copy of ``os.environ`` as it is now when not given.
+    :param worker: index of this process among ``proxy.workers``; worker i
+        serves the admin API on ``admin.port + i`` (or a free port for 0).
     """
 
     def __init__(
@@ -86,8 +92,10 @@ class ProxyServer:
         config: Config,
         store: LinkStore | None = None,
         environ: Mapping[str, str] | None = None,
+        worker: int = 0,
     ) -> None:
         self.config = config
+        self.worker = worker
         self.store = store if store is not None else create_store(config.store)
         self.services: dict[str, Service] = build_services(config.services)
         self.cache = LinkCache(
@@ -122,6 +130,9 @@ class ProxyServer:
         self.proxy_address = ""
         self.admin_address = ""
         self.metrics = Metrics(self)
+        self.invalidator: Invalidator | None = None
+        # Invalidations connect to store.redis_url, so only for that store.
+        self._store_from_config = store is None
 
     @property
     def in_flight(self) -> int:
@@ -150,6 +161,7 @@ class ProxyServer:
         OSError when a port cannot be bound.
         """
         await self.store.ping()
+        await self._start_invalidation()
         proxy = self.config.proxy
         self._upstream = UpstreamPool(
             proxy.upstream_connections_per_pod, proxy.upstream_idle_timeout_s
@@ -187,9 +199,39 @@ class ProxyServer:
                 build_admin_app(self), access_log=None, handle_signals=False
             )
             await self._admin_runner.setup()
-            admin_site = web.TCPSite(self._admin_runner, admin.host, admin.port)
+            admin_port = admin.port + self.worker if admin.port else 0
+            admin_site = web.TCPSite(self._admin_runner, admin.host, admin_port)
             await admin_site.start()
             self.admin_address = _bound_address(self._admin_runner)
+
+    async def _start_invalidation(self) -> None:
+        """Keep the link cache coherent through Redis, where Redis can do it."""
+        settings = self.config.store
+        if not self._store_from_config or settings.backend != "redis":
+            return
+        if not self.cache.enabled:
+            return
+        if getattr(self.store, "cluster", False):
+            logger.warning(
+                "Redis Cluster: no invalidations, so a link changed elsewhere "
+                "is seen after at most store.local_cache_ttl_s = %gs",
+                settings.local_cache_ttl_s,
+            )
+            return
+        from proxy.invalidation import Invalidator
+        from proxy.store.redis import RedisStore
+
+        assert isinstance(self.store, RedisStore)
+        pool = self.store.invalidation_pool(settings.redis_connect_timeout_s)
+        self.invalidator = Invalidator(pool, self.store, self.cache)
+        self._background_task(self.invalidator.run(self._stopping), "invalidation")
+        # Until the first attempt ends the cache is suspended; waiting here
+        # lets the first requests already use it.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(
+                self.invalidator.first_round.wait(),
+                settings.redis_connect_timeout_s + 1.0,
+            )
 
     @property
     def _access_log(self) -> dict[str, Any]:
@@ -222,7 +264,10 @@ class ProxyServer:
         )
         await runner.setup()
         self._runners.append(runner)
-        await web.TCPSite(runner, host, port).start()
+        # With several workers each process binds the same port, and the
+        # kernel spreads new connections over them.
+        reuse_port = self.config.proxy.workers > 1 or None
+        await web.TCPSite(runner, host, port, reuse_port=reuse_port).start()
         return runner
 
     def _start_health(self) -> None:
@@ -301,6 +346,8 @@ class ProxyServer:
             )
         parts.append(f"admin {self.admin_address or 'disabled'}")
         parts.append(f"store {describe_store(self.store)}")
+        if self.config.proxy.workers > 1:
+            parts.append(f"worker {self.worker} of {self.config.proxy.workers}")
         logger.info("stateful-route %s", "; ".join(parts))
 
     async def drain_pod(self) -> None:
@@ -377,12 +424,13 @@ async def serve(
     config: Config,
     stop_signals: Sequence[int] = (),
     reload_signals: Sequence[int] = (),
+    worker: int = 0,
 ) -> None:
     """Run a proxy until one of `stop_signals` arrives, then stop it.
 
     Each of `reload_signals` reloads the configuration file.
     """
-    server = ProxyServer(config)
+    server = ProxyServer(config, worker=worker)
     try:
         await server.start()
     except BaseException:

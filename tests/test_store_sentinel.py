@@ -137,6 +137,56 @@ async def test_proxy_links_users_through_sentinel(
         assert await primary.get(link_key(NS, "alice", SERVICE)) == str(body["pod"])
 
 
+async def test_sentinel_proxy_sees_link_changed_elsewhere(
+    redis_sentinel: RedisSentinelSet, sentinel_store: RedisStore
+) -> None:
+    runners, addresses = await start_demo_pods(2, LOOPBACK)
+    document = {
+        "proxy": {"host": LOOPBACK, "port": 0},
+        "admin": {"host": LOOPBACK, "port": 0},
+        "store": {"backend": "redis", "redis_url": redis_sentinel.url},
+        "services": {SERVICE: {"pods": addresses}},
+    }
+    proxy = ProxyServer(parse_config(document, environ={}))
+    headers = {"X-Service": SERVICE, "X-Uid": "carol"}
+    pods_seen: list[int] = []
+    try:
+        await proxy.start()
+        url = f"http://{proxy.proxy_address}/play"
+        async with aiohttp.ClientSession() as session:
+
+            async def routed_pod() -> int:
+                async with session.get(url, headers=headers) as response:
+                    body = await response.json(content_type=None)
+                return int(body["pod"])
+
+            first = await routed_pod()
+            # The second request is a cache hit, so only an invalidation
+            # can make the proxy see the link written below.
+            pods_seen.append(await routed_pod())
+            async with redis.asyncio.Redis(
+                host=LOOPBACK, port=redis_sentinel.primary.port
+            ) as primary:
+                await primary.set(link_key(NS, "carol", SERVICE), str(1 - first))
+            deadline = time.monotonic() + 5.0
+            while time.monotonic() < deadline:
+                pods_seen.append(await routed_pod())
+                if pods_seen[-1] != first:
+                    break
+                await asyncio.sleep(0.05)
+        # Without its connection the cache is off, and the test above
+        # would pass through store reads alone.
+        connected = proxy.invalidator is not None and proxy.invalidator.connected
+    finally:
+        await proxy.stop()
+        for runner in runners:
+            await runner.cleanup()
+
+    assert connected
+    assert pods_seen[0] == first
+    assert pods_seen[-1] == 1 - first
+
+
 def test_parse_sentinel_url_reads_every_part() -> None:
     target = parse_sentinel_url(
         "rediss+sentinel://app:p%40ss@10.0.0.1:26379,[::1]:26380/routes/2"

@@ -340,6 +340,9 @@ class RedisStore:
                 f"invalid max_connections {max_connections!r}: expected >= 1"
             )
         self._url = mask_password(url)
+        # The URL with its password, for the connection of invalidations.
+        self._connect_url = url
+        self._sentinel_target: SentinelTarget | None = None
         self._max_connections = max_connections
         self._timeout_s = timeout_s
 
@@ -355,8 +358,9 @@ class RedisStore:
         scheme = urlsplit(url).scheme
         self.cluster = scheme in CLUSTER_SCHEMES
         if scheme in SENTINEL_SCHEMES:
+            self._sentinel_target = parse_sentinel_url(url)
             self._client = self._sentinel_client(
-                parse_sentinel_url(url), retry, connect_timeout_s
+                self._sentinel_target, retry, connect_timeout_s
             )
         elif self.cluster:
             nodes, options = parse_cluster_url(url)
@@ -451,6 +455,30 @@ class RedisStore:
             **target.options,
         )
         return client
+
+    def invalidation_pool(
+        self, connect_timeout_s: float
+    ) -> redis.asyncio.ConnectionPool:
+        """Return a pool of RESP2 connections to the primary, for invalidations.
+
+        Through Sentinel, each new connection asks the Sentinels for the
+        primary, so a reconnect after a failover reaches the promoted replica.
+        Not for Redis Cluster, whose nodes track keys each on their own.
+        """
+        # RESP2 delivers invalidations as messages of a channel, where
+        # redis-py's RESP3 parsers would handle the pushes themselves.
+        options: dict[str, Any] = {
+            "socket_connect_timeout": connect_timeout_s,
+            "socket_timeout": connect_timeout_s,
+            "protocol": 2,
+        }
+        target = self._sentinel_target
+        if target is not None:
+            assert self._sentinel is not None
+            return SentinelConnectionPool(  # type: ignore[no-untyped-call]
+                target.primary, self._sentinel, **target.options, **options
+            )
+        return redis.asyncio.ConnectionPool.from_url(self._connect_url, **options)
 
     def describe(self) -> str:
         """Return the Redis URL with its password masked, for logs."""

@@ -1,0 +1,188 @@
+"""Memory of one proxy process holding many idle keep-alive client connections.
+
+Starts one pod (``benchmarks/pod.py``) and ``stateful-route run`` with the
+memory store on loopback. It sends a request on each of ``--connections``
+new keep-alive connections (10,000 by default) and leaves them open and
+idle. Then it reports the proxy's resident memory (VmRSS of
+``/proc/<pid>/status``) before and after, and per connection. The idle
+connections stay open for the measurement, well within the keep-alive
+timeout of aiohttp's server (3,630 s in aiohttp 3.14).
+
+It raises its own RLIMIT_NOFILE, which the proxy inherits, to the
+connections plus `FD_HEADROOM`, bounded by the hard limit.
+
+    python benchmarks/idle_connections.py --connections 10000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+HOST = "127.0.0.1"
+FD_HEADROOM = 512
+MAX_CONNECTIONS = 30_000
+OPEN_CONCURRENCY = 200
+READY_TIMEOUT_S = 20.0
+SETTLE_S = 1.0
+REQUEST = b"GET / HTTP/1.1\r\nHost: bench\r\nX-Uid: idle-%d\r\n\r\n"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def rss_mb(pid: int) -> float:
+    """Return the resident memory of `pid` in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def raise_file_limit(connections: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = connections + FD_HEADROOM
+    if hard != resource.RLIM_INFINITY and needed > hard:
+        raise SystemExit(
+            f"RLIMIT_NOFILE hard limit {hard} is below the {needed} descriptors "
+            f"needed; use --connections {hard - FD_HEADROOM} or raise the limit"
+        )
+    if soft < needed:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+
+
+def wait_listening(port: int, process: subprocess.Popen[bytes], name: str) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while True:
+        if process.poll() is not None:
+            raise SystemExit(f"{name} exited with {process.returncode}")
+        try:
+            with socket.create_connection((HOST, port), timeout=0.5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{name} not listening on {port}") from None
+            time.sleep(0.05)
+
+
+def write_config(directory: Path, port: int, pod_port: int) -> Path:
+    path = directory / "proxy.toml"
+    path.write_text(
+        f"""[proxy]
+host = "{HOST}"
+port = {port}
+default_service = "bench"
+
+[admin]
+enabled = false
+
+[log]
+level = "warning"
+
+[services.bench]
+pods = ["{HOST}:{pod_port}"]
+"""
+    )
+    return path
+
+
+async def open_idle(port: int, count: int) -> list[asyncio.StreamWriter]:
+    """Open `count` connections and send one request on each, read to the end."""
+    writers: list[asyncio.StreamWriter] = []
+    limit = asyncio.Semaphore(OPEN_CONCURRENCY)
+
+    async def one(number: int) -> None:
+        async with limit:
+            reader, writer = await asyncio.open_connection(HOST, port)
+            writer.write(REQUEST % number)
+            await writer.drain()
+            head = await reader.readuntil(b"\r\n\r\n")
+            if not head.startswith(b"HTTP/1.1 200"):
+                raise RuntimeError(f"unexpected response {head[:40]!r}")
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            await reader.readexactly(length)
+            writers.append(writer)
+
+    await asyncio.gather(*(one(number) for number in range(count)))
+    return writers
+
+
+async def measure(proxy_pid: int, port: int, count: int) -> tuple[float, float]:
+    # A few requests first, so the before value includes the warm paths.
+    for writer in await open_idle(port, 10):
+        writer.close()
+    await asyncio.sleep(SETTLE_S)
+    before = rss_mb(proxy_pid)
+    writers = await open_idle(port, count)
+    await asyncio.sleep(SETTLE_S)
+    after = rss_mb(proxy_pid)
+    for writer in writers:
+        writer.close()
+    return before, after
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--connections",
+        type=int,
+        default=10_000,
+        help=f"idle connections to open, 1 to {MAX_CONNECTIONS} (default: %(default)s)",
+    )
+    arguments = parser.parse_args()
+    count = arguments.connections
+    if not 1 <= count <= MAX_CONNECTIONS:
+        parser.error(f"--connections {count}: expected 1 to {MAX_CONNECTIONS}")
+    raise_file_limit(count)
+
+    started: list[subprocess.Popen[bytes]] = []
+    with tempfile.TemporaryDirectory(prefix="stateful-route-idle-") as name:
+        directory = Path(name)
+        try:
+            pod_port, port = free_port(), free_port()
+            pod_command = [sys.executable, str(ROOT / "benchmarks" / "pod.py")]
+            pod = subprocess.Popen(
+                [*pod_command, "--index", "0", "--port", str(pod_port)],
+                stdout=subprocess.DEVNULL,
+            )
+            started.append(pod)
+            wait_listening(pod_port, pod, "pod")
+            config = write_config(directory, port, pod_port)
+            proxy = subprocess.Popen(
+                [sys.executable, "-m", "proxy", "run", "--config", str(config)],
+                cwd=ROOT,
+            )
+            started.append(proxy)
+            wait_listening(port, proxy, "proxy")
+            before, after = asyncio.run(measure(proxy.pid, port, count))
+        finally:
+            for process in started:
+                process.terminate()
+            for process in started:
+                process.wait(10)
+
+    per_connection_kb = (after - before) * 1024 / count
+    print(f"idle keep-alive connections: {count:,}")
+    print(f"proxy RSS before: {before:.1f} MiB")
+    print(f"proxy RSS after:  {after:.1f} MiB")
+    print(f"per connection:   {per_connection_kb:.1f} KiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

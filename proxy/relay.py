@@ -29,7 +29,14 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy.errors import StatefulRouteError
-from proxy.inbound import Network, request_target, set_forwarded_headers
+from proxy.inbound import (
+    GuardedBody,
+    Limits,
+    Network,
+    closing_error,
+    request_target,
+    set_forwarded_headers,
+)
 from proxy.pods import Pod
 from proxy.retry import RequestBody, Stage
 
@@ -195,6 +202,7 @@ class Relay:
         extra_headers: Mapping[str, str] | None = None,
         removed_headers: Iterable[str] = (),
         trusted: tuple[Network, ...] = (),
+        limits: Limits | None = None,
     ) -> web.StreamResponse:
         """Forward `request` to `pod` once and stream the response to the client.
 
@@ -203,14 +211,33 @@ class Relay:
         on. `removed_headers` are dropped from the client's headers before
         `extra_headers` are set, so a client cannot supply them itself.
         `trusted` are the networks of peers whose X-Forwarded-* are kept.
+        With `limits`, a body beyond ``max_body_bytes`` gets 413 and one
+        that stalls for ``body_timeout_s`` gets 408.
         """
         headers = pod_request_headers(request, extra_headers, removed_headers, trusted)
-        body = request.content if request.body_exists else None
+        body: StreamReader | AsyncIterator[bytes] | bytes | None = None
+        guard = None
+        if request.body_exists:
+            body = request.content
+            if limits is not None:
+                guard = GuardedBody(request.content, limits)
+                body = RequestBody(content=guard).data()
         try:
             return await self._exchange(
                 request, pod, client_timeout, ids, headers, body, send_once=False
             )
         except UpstreamError as exc:
+            if guard is not None and guard.failure is not None:
+                failure = guard.failure
+                logger.info(
+                    "rejected %s from %s with %d: %s %s",
+                    request.method,
+                    request.remote,
+                    failure.status,
+                    failure.message,
+                    format_ids(ids),
+                )
+                return closing_error(failure.status, failure.code, failure.message)
             return self.error_response(exc, ids)
 
     async def send(

@@ -641,6 +641,16 @@ def _check_redis_url(url: str) -> list[str]:
             "redis+cluster://, rediss+cluster://, redis+sentinel:// or "
             f"rediss+sentinel:// URL, got {found}"
         ]
+    # redis-py parses the URL only when the store starts, where a bad port
+    # or option would end the process with a traceback.
+    from redis.asyncio.connection import parse_url
+
+    from proxy.store.redis import mask_password
+
+    try:
+        parse_url(url)
+    except ValueError as error:
+        return [f"store.redis_url: invalid Redis URL {mask_password(url)!r}: {error}"]
     return []
 
 

@@ -429,16 +429,7 @@ class Forwarder:
         self, request: web.BaseRequest, ids: dict[str, Any]
     ) -> tuple[str, Service, str | None]:
         proxy = self._proxy
-        if not request.raw_path.startswith("/"):
-            # Absolute-form and authority-form targets name a host; the proxy
-            # only ever connects to configured pods.
-            raise RequestError(
-                400,
-                "invalid_target",
-                "request target must be a path starting with '/'",
-                value=request.raw_path[:200],
-            )
-
+        # `check_request` already rejected targets that are not a path.
         namespace = _single_header(request, proxy.namespace_header)
         if namespace is None:
             namespace = proxy.default_namespace

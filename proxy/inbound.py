@@ -128,8 +128,8 @@ def check_request(request: web.BaseRequest, limits: Limits) -> None:
     """Raise `RequestRejected` for a request that must not be forwarded.
 
     It covers what aiohttp's parsers accept, or accept only one of: an
-    unusual Transfer-Encoding, a missing Host, an unsafe target, a head or a
-    declared body beyond the limits.
+    unusual Transfer-Encoding, a missing Host, an unsafe target or one that
+    is not a path, a head or a declared body beyond the limits.
     """
     target = request.raw_path
     if _TARGET_FORBIDDEN.search(target):
@@ -137,6 +137,14 @@ def check_request(request: web.BaseRequest, limits: Limits) -> None:
             400,
             "invalid_target",
             f"request target {shown(target)} has a character outside printable ASCII",
+        )
+    if not target.startswith("/"):
+        # Absolute-form, authority-form and asterisk-form targets: the first
+        # two name a host, and the proxy only ever connects to configured pods.
+        raise RequestRejected(
+            400,
+            "invalid_target",
+            f"request target {shown(target)} must be a path starting with '/'",
         )
     head_bytes = len(request.method) + len(target) + 12
     for name, value in request.raw_headers:

@@ -31,7 +31,7 @@ from aiohttp import web
 
 from proxy.config import PodSettings
 from proxy.errors import StoreError
-from proxy.inbound import parse_networks
+from proxy.inbound import Limits, parse_networks
 from proxy.inflight import InFlight
 from proxy.pods import Pod, parse_address
 from proxy.podset import parse_records
@@ -80,6 +80,7 @@ class PodAgent:
         # the final SHUTDOWN of a stop.
         self._publish_lock = asyncio.Lock()
         self._relay: Relay | None = None
+        self._limits: Limits | None = None
         self._trusted = parse_networks(settings.trusted_proxies)
         self._timeout = aiohttp.ClientTimeout(
             total=None,
@@ -204,7 +205,12 @@ class PodAgent:
         self.in_flight.enter()
         try:
             return await self._relay.relay(
-                request, self.app, self._timeout, ids, trusted=self._trusted
+                request,
+                self.app,
+                self._timeout,
+                ids,
+                trusted=self._trusted,
+                limits=self._limits,
             )
         finally:
             self.in_flight.leave()
@@ -212,9 +218,13 @@ class PodAgent:
             elapsed_ms = (time.monotonic() - started) * 1000
             self.latency_ms += _LATENCY_ALPHA * (elapsed_ms - self.latency_ms)
 
-    def start_relay(self, pool: UpstreamPool) -> None:
-        """Use `pool` for the inbound relay; the agent does not close it."""
+    def start_relay(self, pool: UpstreamPool, limits: Limits) -> None:
+        """Use `pool` for the inbound relay; the agent does not close it.
+
+        `limits` are those of the inbound listener, for the request bodies.
+        """
         self._relay = Relay(pool, routed_pod_header="")
+        self._limits = limits
 
     def describe(self) -> dict[str, object]:
         """Return the agent's state for the admin API."""

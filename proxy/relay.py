@@ -30,8 +30,11 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.errors import StatefulRouteError
 from proxy.inbound import (
+    GuardedBody,
+    Limits,
     Network,
     RequestRejected,
+    closing_error,
     request_target,
     set_forwarded_headers,
 )
@@ -141,6 +144,7 @@ class Relay:
         extra_headers: Mapping[str, str] | None = None,
         removed_headers: Iterable[str] = (),
         trusted: tuple[Network, ...] = (),
+        limits: Limits | None = None,
     ) -> web.StreamResponse:
         """Forward `request` to `pod` and stream the response to the client.
 
@@ -150,9 +154,17 @@ class Relay:
         `removed_headers` are dropped from the client's headers before
         `extra_headers` are set, so a client cannot supply them itself.
         `trusted` are the networks of peers whose X-Forwarded-* are kept.
+        With `limits`, a body beyond ``max_body_bytes`` gets 413 and one
+        that stalls for ``body_timeout_s`` gets 408.
         """
         headers = pod_request_headers(request, extra_headers, removed_headers, trusted)
-        body = request.content if request.body_exists else None
+        body: StreamReader | AsyncIterator[bytes] | bytes | None = None
+        guard = None
+        if request.body_exists:
+            body = request.content
+            if limits is not None:
+                guard = GuardedBody(request.content, limits)
+                body = RequestBody(content=guard).data()
         try:
             try:
                 return await self._exchange(
@@ -175,6 +187,17 @@ class Relay:
                 request, pod, client_timeout, ids, headers, body
             )
         except UpstreamError as exc:
+            if guard is not None and guard.failure is not None:
+                failure = guard.failure
+                logger.info(
+                    "rejected %s from %s with %d: %s %s",
+                    request.method,
+                    request.remote,
+                    failure.status,
+                    failure.message,
+                    format_ids(ids),
+                )
+                return closing_error(failure.status, failure.code, failure.message)
             return self.error_response(exc, ids)
 
     async def send(

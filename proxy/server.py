@@ -185,7 +185,9 @@ class ProxyServer:
         pod = self.config.pod
         if pod is not None:
             self.pod_agent = PodAgent(pod, self.store)
-            self.pod_agent.start_relay(self._upstream)
+            self.pod_agent.start_relay(
+                self._upstream, Limits.from_settings(self.config.proxy)
+            )
             runner = await self._listen(self.pod_agent.handle, pod.host, pod.port)
             self.inbound_address = _bound_address(runner)
             # The first record goes out before start() returns, so routers

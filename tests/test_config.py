@@ -510,3 +510,23 @@ def test_header_line_limit_within_head_limit() -> None:
         "(4096)",
         "proxy.max_header_field_bytes = 8192: must be <= proxy.max_header_bytes (4096)",
     ]
+
+
+@pytest.mark.parametrize(
+    ("url", "named"),
+    [
+        ("redis://127.0.0.1:99999/0", "Port out of range"),
+        ("redis://:secret@127.0.0.1:port/0", "could not be cast to integer"),
+        ("redis://127.0.0.1:6379/0?socket_timeout=soon", "'socket_timeout'"),
+        ("unix:///run/redis.sock?db=first", "'db'"),
+    ],
+)
+def test_unusable_redis_url_is_named(url: str, named: str) -> None:
+    document = minimal(store={"backend": "redis", "redis_url": url})
+
+    problems = problems_of(document)
+
+    assert len(problems) == 1
+    assert problems[0].startswith("store.redis_url: invalid Redis URL")
+    assert named in problems[0]
+    assert "secret" not in problems[0]

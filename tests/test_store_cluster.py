@@ -115,6 +115,8 @@ def test_parse_cluster_url_reads_nodes_and_password() -> None:
         "redis+cluster://10.0.0.1:7000,/",
         "redis+cluster://10.0.0.1:7000/1",
         "redis+cluster://10.0.0.1:7000/?ssl=true",
+        "redis+cluster://10.0.0.1:70000/",
+        "redis+cluster://10.0.0.1:0/",
     ],
 )
 def test_cluster_url_problems_are_reported(url: str) -> None:

@@ -224,6 +224,8 @@ def test_parse_sentinel_url_defaults_to_db_zero() -> None:
         ("redis+sentinel://10.0.0.1/routes", "got '10.0.0.1'"),
         ("redis+sentinel://10.0.0.1:port/routes", "got '10.0.0.1:port'"),
         ("redis+sentinel://10.0.0.1:26379,/routes", "got ''"),
+        ("redis+sentinel://10.0.0.1:99999/routes", "got '10.0.0.1:99999'"),
+        ("redis+sentinel://10.0.0.1:0/routes", "got '10.0.0.1:0'"),
         ("redis+sentinel://10.0.0.1:26379", "expected the primary name"),
         ("redis+sentinel://10.0.0.1:26379/", "expected the primary name"),
         ("redis+sentinel://10.0.0.1:26379/my%20primary", "got 'my primary'"),

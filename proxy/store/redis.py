@@ -162,7 +162,8 @@ def _parse_addresses(url: str, kind: str, hosts: str) -> list[tuple[str, int]]:
     for address in hosts.split(","):
         host, _, port = address.rpartition(":")
         host = host.removeprefix("[").removesuffix("]")
-        if not host or not port.isascii() or not port.isdigit():
+        valid_port = port.isascii() and port.isdigit() and 0 < int(port) < 65536
+        if not host or not valid_port:
             raise ValueError(
                 f"invalid {kind} URL {mask_password(url)!r}: expected "
                 f"host:port, got {address!r}"

@@ -131,12 +131,17 @@ class Invalidator:
         while not stopping.is_set():
             connection: Any = self._pool.make_connection()  # type: ignore[no-untyped-call]
             try:
+                # The cache starts empty after a reconnect, so it waits until
+                # the store serves requests again. Until then, during an
+                # outage, the entries that suspend() set aside still place
+                # the users they hold.
+                await self._store.ping()
                 await self._subscribe(connection)
                 backoff_s = _RECONNECT_MIN_S
                 self._note_connected()
                 self.first_round.set()
                 await self._listen(connection, stopping)
-            except (RedisError, OSError) as exc:
+            except (RedisError, OSError, StoreError) as exc:
                 await self._note_lost(exc)
                 self.first_round.set()
             finally:

@@ -394,23 +394,27 @@ class Router:
     def _place_degraded(self, key: _Key, service: Service, pod_set: PodSet) -> Route:
         """Place a UID while the store is unavailable.
 
-        The order: a placement made earlier in the outage, the pod cached
-        before the cache was suspended, then the consistent hash.
+        The order: the pod cached before the cache was suspended, which is
+        routed like a cache hit because the user's state is there; then a
+        placement made earlier in the outage, which wins over the cached pod
+        when that pod was unusable at the time; then the consistent hash.
         """
         namespace, _, uid = key
         view = self.health_view(namespace, service, pod_set)
         pod = self._remembered(key, service, pod_set, view)
-        if pod is None:
-            pod = self._cached_before_outage(key, service, pod_set, view)
+        cached = self._cached_before_outage(key, service, pod_set, view)
+        if cached is not None and (pod is None or pod.index == cached.index):
+            # The user's state is on the cached pod, as on a cache hit.
+            # Remembering it keeps the user there if Redis comes back
+            # without the link.
+            self._remember_degraded(key, cached)
+            return Route(cached, Origin.CACHE)
         if pod is None:
             candidates = self._candidates(service, view)
             if not candidates:
                 raise NoPodError(namespace, service.name)
             pod = service.placement.pick(candidates, uid, pod_set)
-        if key not in self._degraded:
-            if len(self._degraded) >= _MAX_DEGRADED_PLACEMENTS:
-                del self._degraded[next(iter(self._degraded))]
-            self._degraded[key] = (pod.index, self._clock() + self.link_ttl_s)
+        self._remember_degraded(key, pod)
         self.degraded_routes += 1
         logger.debug(
             "placed uid=%s on pod=%d service=%s namespace=%s without a link, "
@@ -421,6 +425,14 @@ class Router:
             namespace,
         )
         return Route(pod, Origin.DEGRADED)
+
+    def _remember_degraded(self, key: _Key, pod: Pod) -> None:
+        """Remember a placement of an outage, so the link names it once written."""
+        if key in self._degraded:
+            return
+        if len(self._degraded) >= _MAX_DEGRADED_PLACEMENTS:
+            del self._degraded[next(iter(self._degraded))]
+        self._degraded[key] = (pod.index, self._clock() + self.link_ttl_s)
 
     def _cached_before_outage(
         self, key: _Key, service: Service, pod_set: PodSet, view: HealthView

@@ -7,6 +7,7 @@ import logging
 from aiohttp import web
 
 from proxy.admin_input import json_response, read_query, server_of
+from proxy.logs import REPEAT_EXEMPT
 from proxy.reload import ReloadRejected
 
 logger = logging.getLogger("stateful_route.reload")
@@ -35,6 +36,7 @@ async def reload_config(request: web.Request) -> web.Response:
             "stays: %s: %s",
             exc.source,
             "; ".join(exc.problems),
+            extra=REPEAT_EXEMPT,
         )
         return json_response(
             {
@@ -47,5 +49,10 @@ async def reload_config(request: web.Request) -> web.Response:
             status=_REJECTION_STATUS[exc.code],
         )
     source = server_of(request).config.source
-    logger.info("reloaded %s on the admin API: %s", source, plan.describe())
+    logger.info(
+        "reloaded %s on the admin API: %s",
+        source,
+        plan.describe(),
+        extra=REPEAT_EXEMPT,
+    )
     return json_response({"status": "reloaded", "source": source, **plan.as_json()})

@@ -328,6 +328,13 @@ def parse_config(
 
     declared = bool(service_tables) or "pod" in document or bool(pod_variables)
     _check_cross_section(sections, services, pod, declared, problems)
+    default_service = sections["proxy"].default_service
+    if default_service and default_service not in service_tables:
+        # A section that is declared but invalid reports its own problems.
+        problems.append(
+            f"proxy.default_service = {default_service!r}: "
+            "no [services] section with that name"
+        )
     if problems:
         raise ConfigError(problems, source)
     return Config(**sections, services=services, pod=pod, source=source)
@@ -708,11 +715,6 @@ def _check_cross_section(
     if label_problem is not None:
         problems.append(
             f"proxy.default_namespace = {proxy.default_namespace!r}: {label_problem}"
-        )
-    if proxy.default_service and proxy.default_service not in services:
-        problems.append(
-            f"proxy.default_service = {proxy.default_service!r}: "
-            "no [services] section with that name"
         )
     routing_headers: dict[str, str] = {}
     for name in (

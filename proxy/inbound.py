@@ -17,7 +17,8 @@ so that both behave alike. Every rejection is a short JSON error with
 
 It relies on internals of aiohttp's ``RequestHandler`` (``_messages``,
 ``_ErrInfo``, ``_current_request``, ``_request_in_progress``,
-``_force_close``), read in aiohttp 3.14.5.
+``_force_close``) and of ``StreamResponse`` (``_write_headers``), read in
+aiohttp 3.14.5.
 """
 
 from __future__ import annotations
@@ -32,8 +33,13 @@ from http import HTTPStatus
 from typing import Any
 
 import orjson
-from aiohttp import StreamReader, web, web_protocol
-from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
+from aiohttp import HttpVersion10, HttpVersion11, StreamReader, web, web_protocol
+from aiohttp.http_exceptions import (
+    BadHttpMessage,
+    BadStatusLine,
+    HttpProcessingError,
+    LineTooLong,
+)
 from multidict import CIMultiDict
 
 from proxy.config import ProxySettings
@@ -54,6 +60,10 @@ _CHUNKED_VALUE = re.compile(rb"(?i) ?chunked\r?")
 # Characters that the proxy rejects in a request target: controls, space,
 # DEL and anything beyond ASCII, which a client must percent-encode.
 _TARGET_FORBIDDEN = re.compile(r"[^\x21-\x7e]")
+# The HTTP versions that the proxy serves. aiohttp's parsers also accept
+# HTTP/0.9 and HTTP/2.0 request lines, and the Python parser any digit.digit.
+SUPPORTED_VERSIONS = (HttpVersion10, HttpVersion11)
+_VERSION_TOKEN = re.compile(rb"HTTP/([0-9])\.([0-9])")
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,9 +107,25 @@ def json_error_body(code: str, message: str) -> bytes:
     return orjson.dumps({"error": code, "message": message})
 
 
+class _ErrorResponse(web.Response):
+    """A JSON error response; a 505 has an HTTP/1.1 status line.
+
+    aiohttp writes the request's version in the status line, which for a 505
+    is the version that the proxy rejects.
+    """
+
+    async def _write_headers(self) -> None:
+        if self.status != 505:
+            await super()._write_headers()
+            return
+        writer = self._payload_writer
+        assert writer is not None
+        await writer.write_headers(f"HTTP/1.1 505 {self.reason}", self.headers)
+
+
 def closing_error(status: int, code: str, message: str) -> web.Response:
     """Return a JSON error response that closes the client connection."""
-    response = web.Response(
+    response = _ErrorResponse(
         status=status,
         body=json_error_body(code, message),
         content_type="application/json",
@@ -127,10 +153,14 @@ def peer_of(request: web.BaseRequest) -> str:
 def check_request(request: web.BaseRequest, limits: Limits) -> None:
     """Raise `RequestRejected` for a request that must not be forwarded.
 
-    It covers what aiohttp's parsers accept, or accept only one of: an
-    unusual Transfer-Encoding, a missing Host, an unsafe target or one that
-    is not a path, a head or a declared body beyond the limits.
+    It covers what aiohttp's parsers accept, or accept only one of. That is
+    an HTTP version other than 1.0 and 1.1, an unusual Transfer-Encoding or
+    one in HTTP/1.0, and a missing Host. It is also an unsafe target or one
+    that is not a path, and a head or a declared body beyond the limits.
     """
+    version = request.version
+    if version not in SUPPORTED_VERSIONS:
+        raise UnsupportedVersion(f"HTTP/{version.major}.{version.minor}")
     target = request.raw_path
     if _TARGET_FORBIDDEN.search(target):
         raise RequestRejected(
@@ -161,6 +191,15 @@ def check_request(request: web.BaseRequest, limits: Limits) -> None:
     if request.version >= (1, 1) and "Host" not in headers:
         raise RequestRejected(400, "invalid_request", "missing Host header")
     codings = headers.getall("Transfer-Encoding", ())
+    if codings and request.version == HttpVersion10:
+        # RFC 9112, section 6.1: Transfer-Encoding in an HTTP/1.0 request
+        # makes its framing faulty, so the connection must close after it.
+        raise RequestRejected(
+            400,
+            "invalid_request",
+            f"Transfer-Encoding {shown(', '.join(codings))} is not allowed in "
+            "an HTTP/1.0 request",
+        )
     if codings and (len(codings) > 1 or codings[0].lower() != "chunked"):
         raise RequestRejected(
             400,
@@ -176,6 +215,40 @@ def check_request(request: web.BaseRequest, limits: Limits) -> None:
             f"Content-Length {length} exceeds the limit of "
             f"{limits.max_body_bytes} bytes",
         )
+
+
+class UnsupportedVersion(RequestRejected):
+    """A request of an HTTP version other than 1.0 and 1.1 (505)."""
+
+    def __init__(self, version: str) -> None:
+        super().__init__(
+            505,
+            "unsupported_http_version",
+            f"HTTP version {shown(version)} is not supported, only HTTP/1.0 "
+            "and HTTP/1.1",
+        )
+
+
+def request_line_rejection(head: bytes) -> RequestRejected | None:
+    """Return the rejection of a raw request line without a supported version.
+
+    aiohttp's C parser takes a request line without a version for HTTP/0.9,
+    and the Python parser rejects it as a bad method, so the proxy checks
+    the raw line itself for both.
+    """
+    line = head.lstrip(b"\r\n").split(b"\n", 1)[0].removesuffix(b"\r")
+    _, _, token = line.rpartition(b" ")
+    match = _VERSION_TOKEN.fullmatch(token)
+    if match is None:
+        return RequestRejected(
+            400,
+            "invalid_request",
+            f"request line {shown(line)} does not end with an HTTP version "
+            "such as HTTP/1.1",
+        )
+    if match.group(1, 2) not in ((b"1", b"0"), (b"1", b"1")):
+        return UnsupportedVersion(token.decode("ascii"))
+    return None
 
 
 def raw_head_problem(head: bytes) -> str | None:
@@ -408,6 +481,10 @@ class InboundRequestHandler(web_protocol.RequestHandler):
         message, payload = self._messages[-1]
         if not isinstance(message, web_protocol._ErrInfo):
             self._last_payload = payload
+        rejection = request_line_rejection(head)
+        if rejection is not None:
+            self._replace_messages(queued, rejection, payload)
+            return
         problem = raw_head_problem(head[: head.find(b"\r\n\r\n") + 2])
         if problem is not None:
             # Replace what this data produced with one error. aiohttp responds
@@ -421,6 +498,17 @@ class InboundRequestHandler(web_protocol.RequestHandler):
                     payload,
                 )
             )
+
+    def _replace_messages(
+        self, queued: int, rejection: RequestRejected, payload: StreamReader
+    ) -> None:
+        """Replace the messages after the first `queued` with one rejection."""
+        for _ in range(len(self._messages) - queued):
+            self._messages.pop()
+        error = web_protocol._ErrInfo(
+            status=rejection.status, exc=rejection, message=rejection.message
+        )
+        self._messages.append((error, payload))
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._cancel_head_timer()
@@ -480,6 +568,14 @@ class InboundRequestHandler(web_protocol.RequestHandler):
             # aiohttp's own behaviour: a response already started, so the
             # connection can only be broken off.
             raise ConnectionError("response already started, cannot send an error")
+        if isinstance(exc, RequestRejected):
+            logger.info(
+                "rejected request from %s with %d: %s",
+                peer_of(request),
+                exc.status,
+                exc.message,
+            )
+            return closing_error(exc.status, exc.code, exc.message)
         if isinstance(exc, HttpProcessingError) and status == 400:
             status, code = _parse_error_status(exc)
             reason = (exc.message or type(exc).__name__)[:200]
@@ -508,4 +604,8 @@ def _parse_error_status(exc: HttpProcessingError) -> tuple[int, str]:
     # BadHttpMessage text for too many headers (aiohttp 3.14.5).
     if isinstance(exc, LineTooLong) or exc.message == "Too many headers received":
         return 431, "header_too_large"
+    # The C parser's error for a version it does not know, such as HTTP/1.2,
+    # in a request pipelined behind another (the first is checked raw).
+    if isinstance(exc, BadStatusLine) and "Invalid HTTP version" in exc.message:
+        return 505, "unsupported_http_version"
     return 400, "invalid_request"

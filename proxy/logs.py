@@ -37,6 +37,9 @@ LOG_FORMATS = ("text", "json")
 # Repeats of one message allowed per window before the filter counts them.
 REPEATS_PER_WINDOW = 5
 REPEAT_WINDOW_S = 10.0
+# `extra` of a record that the repeat filter always lets through, such as
+# the result of a reload, which an operator must see every time.
+REPEAT_EXEMPT = {"repeat_exempt": True}
 
 
 def _timestamp(record: logging.LogRecord) -> str:
@@ -87,6 +90,7 @@ class RepeatFilter(logging.Filter):
     Records are grouped by logger and unformatted message, so one failure
     repeated for many users is one group. When a group's window ends with
     suppressed records, the next record of the group carries their count.
+    Records logged with ``extra=REPEAT_EXEMPT`` always pass.
     """
 
     def __init__(
@@ -101,7 +105,7 @@ class RepeatFilter(logging.Filter):
         self._groups: dict[tuple[str, str], list[float]] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.WARNING:
+        if record.levelno < logging.WARNING or getattr(record, "repeat_exempt", False):
             return True
         key = (record.name, str(record.msg))
         group = self._groups.get(key)

@@ -31,6 +31,7 @@ from proxy.config import Config, ServiceSettings, load_config
 from proxy.errors import ConfigError, StatefulRouteError
 from proxy.failover import FailoverHandler
 from proxy.health import TransitionCounts
+from proxy.logs import REPEAT_EXEMPT
 from proxy.pods import Pod
 from proxy.services import Service
 
@@ -310,9 +311,16 @@ class Reloader:
                 origin,
                 source,
                 "; ".join(exc.problems),
+                extra=REPEAT_EXEMPT,
             )
             return
-        logger.info("reloaded %s on %s: %s", source, origin, plan.describe())
+        logger.info(
+            "reloaded %s on %s: %s",
+            source,
+            origin,
+            plan.describe(),
+            extra=REPEAT_EXEMPT,
+        )
 
     def _prepare(self, source: str) -> tuple[ReloadPlan, Config]:
         server = self._server

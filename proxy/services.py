@@ -91,12 +91,18 @@ class Service:
         if settings.uses_registry:
             return f"{self.name} (pods from state records, {settings.strategy})"
         if settings.pods:
-            return f"{self.name} ({len(settings.pods)} pods, {settings.strategy})"
+            return (
+                f"{self.name} ({_pod_count(len(settings.pods))}, {settings.strategy})"
+            )
         namespaces = ",".join(settings.namespaces)
         return (
-            f"{self.name} ({settings.replicas} pods per namespace in {namespaces}, "
-            f"{settings.strategy})"
+            f"{self.name} ({_pod_count(settings.replicas)} per namespace in "
+            f"{namespaces}, {settings.strategy})"
         )
+
+
+def _pod_count(count: int) -> str:
+    return "1 pod" if count == 1 else f"{count} pods"
 
 
 def _numbered(addresses: tuple[Address, ...] | None) -> tuple[Pod, ...]:

@@ -30,12 +30,17 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from multidict import CIMultiDict
 
+from proxy.config import ProxySettings
+
 HOST = "127.0.0.1"
 CHUNK_SIZE = 64 * 1024
 COOKIES = ("first=1; Path=/", "second=2; HttpOnly", "third=3; Max-Age=60")
 REDIRECT_LOCATION = "/landing?from=redirect"
 # Seconds that in-flight requests get to finish when the pod stops.
 SHUTDOWN_TIMEOUT_S = 1.0
+# The proxy's default request limits, so that every head the proxy forwards
+# reaches the handlers instead of aiohttp's smaller defaults (8190 bytes).
+PROXY_DEFAULTS = ProxySettings()
 
 
 def pattern_bytes(size: int) -> bytes:
@@ -131,6 +136,9 @@ async def serve(index: int, port: int, delay_ms: int = 0) -> None:
         access_log=None,
         handle_signals=False,
         shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+        max_line_size=PROXY_DEFAULTS.max_request_line_bytes,
+        max_field_size=PROXY_DEFAULTS.max_header_field_bytes,
+        max_headers=PROXY_DEFAULTS.max_header_count,
     )
     await runner.setup()
     try:

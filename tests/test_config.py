@@ -175,6 +175,16 @@ def test_default_service_must_exist() -> None:
     ]
 
 
+def test_default_service_broken_reports_once() -> None:
+    document = minimal(proxy={"default_service": "game"})
+    document["services"]["game"]["strategy"] = "fastest"
+
+    problems = problems_of(document)
+
+    assert len(problems) == 1
+    assert problems[0].startswith("services.game.strategy = 'fastest': expected")
+
+
 def test_no_services_is_rejected() -> None:
     problems = problems_of({})
 

@@ -830,6 +830,20 @@ async def test_pod_sees_forwarded_headers(
     assert seen.get("X-Forwarded-Host") == "game.example.test:8443"
 
 
+async def test_large_cookie_reaches_pod(
+    launch_proxy: Launch, document: Document, client: aiohttp.ClientSession
+) -> None:
+    proxy = await launch_proxy(document)
+    # Beyond aiohttp's default of 8190 bytes, within the proxy's limits.
+    cookie = "session=" + "c" * (30 * 1024)
+    headers = {**routing_headers("cookie-eater"), "Cookie": cookie}
+
+    reply = await request_json(client, f"{proxy.url}/cookie", headers)
+
+    assert reply.status == 200
+    assert pod_headers(reply.body).get("Cookie") == cookie
+
+
 async def test_hop_by_hop_headers_not_forwarded(
     launch_proxy: Launch, document: Document
 ) -> None:

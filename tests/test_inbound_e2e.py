@@ -451,6 +451,127 @@ async def test_rejections_logged_without_traceback(proxy: Proxy) -> None:
     assert "ERROR" not in log
 
 
+# HTTP versions.
+
+
+async def read_until_closed(port: int, data: bytes) -> bytes:
+    """Send `data` on a new connection and return every byte until the close."""
+    reader, writer = await asyncio.open_connection(LOOPBACK, port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        async with asyncio.timeout(RAW_TIMEOUT_S):
+            return await reader.read(-1)
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+def parse_raw(data: bytes) -> tuple[str, CIMultiDict[str], bytes]:
+    """Split one response into its status line, headers and body."""
+    header_block, _, body = data.partition(b"\r\n\r\n")
+    status_line, *lines = header_block.decode("latin-1").split("\r\n")
+    headers: CIMultiDict[str] = CIMultiDict()
+    for line in lines:
+        name, _, value = line.partition(":")
+        headers.add(name, value.strip())
+    return status_line, headers, body
+
+
+def versioned_head(marker: str, version: str, extra: str = "") -> bytes:
+    return (
+        f"GET /{marker} {version}\r\nHost: x\r\nX-Uid: {marker}\r\n"
+        f"X-Service: game\r\n{extra}\r\n"
+    ).encode("latin-1")
+
+
+@pytest.mark.parametrize("version", ["HTTP/2.0", "HTTP/0.9", "HTTP/1.2", "HTTP/3.0"])
+async def test_unsupported_version_gets_505(
+    proxy: Proxy, pod: RecordPod, version: str
+) -> None:
+    marker = f"version-{version[5]}{version[7]}"
+    follower = head(f"{marker}-after", f"/{marker}-after")
+    mark = pod.mark()
+
+    data = await read_until_closed(
+        proxy.port, versioned_head(marker, version) + follower
+    )
+
+    status_line, headers, body = parse_raw(data)
+    assert status_line == "HTTP/1.1 505 HTTP Version Not Supported"
+    assert headers.get("Content-Type") == "application/json"
+    assert headers.get("Connection") == "close"
+    assert json.loads(body)["error"] == "unsupported_http_version"
+    assert version in json.loads(body)["message"]
+    assert reaching(pod, mark, marker) == []
+
+
+@pytest.mark.parametrize("version", ["HTTP/2.0", "HTTP/1.2"])
+async def test_pipelined_unsupported_version_gets_505(
+    proxy: Proxy, pod: RecordPod, version: str
+) -> None:
+    marker = f"pipelined-{version[5]}{version[7]}"
+    first = head(f"before-{marker}", f"/before-{marker}")
+    mark = pod.mark()
+
+    data = await read_until_closed(proxy.port, first + versioned_head(marker, version))
+
+    # The C parser rejects HTTP/1.2 while it parses the whole segment, so
+    # the request before it gets no response of its own there.
+    _, _, rejected = data.partition(b"HTTP/1.1 505 ")
+    status_line, headers, body = parse_raw(b"HTTP/1.1 505 " + rejected)
+    assert status_line == "HTTP/1.1 505 HTTP Version Not Supported"
+    assert headers.get("Connection") == "close"
+    assert json.loads(body)["error"] == "unsupported_http_version"
+    assert reaching(pod, mark, f"/{marker}") == []
+    if version == "HTTP/2.0":
+        assert data.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert len(reaching(pod, mark, f"before-{marker}")) == 1
+
+
+@pytest.mark.parametrize(
+    "request_line",
+    [b"GET /no-version\r\n\r\n", b"GET /no-version\r\nHost: x\r\n\r\n"],
+    ids=["alone", "with-headers"],
+)
+async def test_request_line_without_version_gets_400(
+    proxy: Proxy, pod: RecordPod, request_line: bytes
+) -> None:
+    mark = pod.mark()
+
+    data = await read_until_closed(proxy.port, request_line)
+
+    status_line, headers, body = parse_raw(data)
+    assert status_line.split()[1] == "400"
+    assert headers.get("Connection") == "close"
+    assert json.loads(body)["error"] == "invalid_request"
+    assert "'GET /no-version'" in json.loads(body)["message"]
+    assert reaching(pod, mark, "no-version") == []
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+async def test_chunked_in_http_1_0_rejected(
+    proxy: Proxy, pod: RecordPod, method: str
+) -> None:
+    marker = f"old-chunked-{method}"
+    data = (
+        f"{method} /{marker} HTTP/1.0\r\nHost: x\r\nX-Uid: {marker}\r\n"
+        "X-Service: game\r\nTransfer-Encoding: chunked\r\n\r\n"
+        "5\r\nhello\r\n0\r\n\r\n"
+    ).encode("ascii")
+    mark = pod.mark()
+
+    reply = await exchange(proxy.port, data)
+
+    assert reply.status == 400
+    assert reply.headers.get("Connection") == "close"
+    assert reply.closed
+    assert reply.json()["error"] == "invalid_request"
+    assert "HTTP/1.0" in reply.json()["message"]
+    assert reaching(pod, mark, marker) == []
+
+
 # Request targets.
 
 TARGETS = [

@@ -4,7 +4,7 @@ import logging
 
 import orjson
 
-from proxy.logs import JsonFormatter, KeyValueFormatter, RepeatFilter
+from proxy.logs import REPEAT_EXEMPT, JsonFormatter, KeyValueFormatter, RepeatFilter
 
 
 def make_record(
@@ -58,3 +58,15 @@ def test_repeat_filter_passes_info_records() -> None:
     results = [repeat_filter.filter(make_record("linked uid=a")) for _ in range(5)]
 
     assert results == [True] * 5
+
+
+def test_repeat_filter_passes_exempt_records() -> None:
+    repeat_filter = RepeatFilter(repeats=2, window_s=10)
+    passed = []
+    for number in range(6):
+        record = make_record("reload rejected: %d", number, level=logging.ERROR)
+        record.__dict__.update(REPEAT_EXEMPT)
+        record.created = 100.0 + number
+        passed.append(repeat_filter.filter(record))
+
+    assert passed == [True] * 6

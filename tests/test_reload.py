@@ -365,6 +365,32 @@ async def test_concurrent_reloads_apply_once(
     assert (await call(client, proxy, "a", service="chat")).status == 200
 
 
+async def test_quick_sighups_apply_change_once(
+    launch: Any, own_pods: list[PodProcess], client: aiohttp.ClientSession
+) -> None:
+    proxy = await launch(document_on(own_pods))
+
+    proxy.document["services"]["chat"] = {"pods": [own_pods[0].address]}
+    proxy.rewrite()
+    # The kernel keeps one SIGHUP pending, so these may arrive as fewer.
+    for _ in range(5):
+        proxy.process.process.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + WAIT_S
+    while not proxy.log_lines("on SIGHUP"):
+        assert time.monotonic() < deadline, "no reload on SIGHUP logged"
+        await asyncio.sleep(POLL_S)
+    after = await admin(client, proxy, "/v1/reload", "POST")
+    lines = proxy.log_lines("on SIGHUP")
+
+    assert after.status == 200
+    assert after.body["services_added"] == []
+    assert 1 <= len(lines) <= 5
+    applied = [line for line in lines if "services added: chat" in line]
+    assert len(applied) == 1
+    for line in lines:
+        assert line in applied or line.endswith('no changes"')
+
+
 # Rejected reloads.
 
 
@@ -427,6 +453,25 @@ async def test_invalid_reload_rejected_by_sighup(
     assert after.status == 200
     assert after.body["pod"] == before
     assert proxy.process.process.poll() is None
+
+
+async def test_every_rejected_sighup_reload_logged(
+    launch: Any, own_pods: list[PodProcess]
+) -> None:
+    proxy = await launch(document_on(own_pods))
+    # More rejections than the repeat filter lets through in one window.
+    strategies = [f"fastest-{n}" for n in range(8)]
+
+    lines = []
+    for strategy in strategies:
+        proxy.document["services"]["game"]["strategy"] = strategy
+        proxy.rewrite()
+        lines = await sighup_and_wait(proxy, "level=ERROR")
+
+    assert len(lines) == len(strategies)
+    for line, strategy in zip(lines, strategies, strict=True):
+        assert f"services.game.strategy = {strategy!r}" in line
+    assert "similar messages" not in proxy.process.log()
 
 
 async def test_restart_setting_rejected_by_name(

@@ -27,7 +27,6 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from aiohttp.http import HttpProcessingError
-from multidict import CIMultiDict
 
 from proxy.config import Config
 from proxy.errors import (
@@ -291,14 +290,21 @@ class Forwarder:
         elif route.origin is Origin.DEGRADED:
             # Placed without the store: the user's state may be on another pod.
             extra_headers = {"X-Route-Reason": "degraded"}
+        proxy = self._proxy
+        routing_headers = (
+            proxy.namespace_header,
+            proxy.service_header,
+            proxy.uid_header,
+        )
         pod = route.pod
         failed: tuple[int, ...] = ()
         attempts_left = service.settings.retry_attempts
         while True:
+            # The pod also gets the namespace, service and UID that the proxy
+            # routed on when the client's Connection header named them.
             headers = pod_request_headers(
-                request, extra_headers, _ROUTE_HEADERS, self._trusted
+                request, extra_headers, _ROUTE_HEADERS, self._trusted, routing_headers
             )
-            self._keep_routing_headers(request, headers)
             try:
                 return await self._attempt(request, service, pod, ids, headers, body)
             except UpstreamError as exc:
@@ -358,7 +364,7 @@ class Forwarder:
         service: Service,
         pod: Pod,
         ids: dict[str, Any],
-        headers: CIMultiDict[str],
+        headers: list[tuple[str, str]],
         body: RequestBody,
     ) -> web.StreamResponse:
         """Send one attempt to `pod`, sampling it in the service's stats.
@@ -390,19 +396,6 @@ class Forwarder:
         stats.finish(stat, time.monotonic() - started, relayed.status)
         service.health.record(pod, relayed.status < 500, f"status {relayed.status}")
         return relayed
-
-    def _keep_routing_headers(
-        self, request: web.BaseRequest, headers: CIMultiDict[str]
-    ) -> None:
-        """Put back the routing headers that the client's Connection removed.
-
-        The pod gets the namespace, service and UID that the proxy routed on.
-        """
-        proxy = self._proxy
-        for name in (proxy.namespace_header, proxy.service_header, proxy.uid_header):
-            value = request.headers.get(name)
-            if value is not None and name not in headers:
-                headers[name] = value
 
     def retry_counters(self) -> dict[str, dict[str, int]]:
         """Return the requests relayed, retries sent and retries rejected, by service.

@@ -40,7 +40,6 @@ from aiohttp.http_exceptions import (
     HttpProcessingError,
     LineTooLong,
 )
-from multidict import CIMultiDict
 
 from proxy.config import ProxySettings
 from proxy.errors import StatefulRouteError
@@ -287,36 +286,6 @@ def is_trusted(peer: str, networks: tuple[Network, ...]) -> bool:
     except ValueError:
         return False
     return any(address in network for network in networks)
-
-
-def set_forwarded_headers(
-    headers: CIMultiDict[str],
-    request: web.BaseRequest,
-    networks: tuple[Network, ...],
-) -> None:
-    """Set X-Forwarded-For, -Proto and -Host on the pod's copy of the headers.
-
-    From a peer in `networks` the client's values are kept: the peer is
-    appended to its X-Forwarded-For, joined into one line, and its
-    X-Forwarded-Proto and -Host stay when present. From any other peer all
-    three are replaced by what the proxy saw itself.
-    """
-    peer = request.remote or ""
-    trusted = is_trusted(peer, networks)
-    chain = ", ".join(headers.getall("X-Forwarded-For", ())) if trusted else ""
-    headers.popall("X-Forwarded-For", None)
-    headers["X-Forwarded-For"] = f"{chain}, {peer}" if chain else peer
-
-    proto = headers.getall("X-Forwarded-Proto", ())
-    if not trusted or len(proto) != 1:
-        headers.popall("X-Forwarded-Proto", None)
-        headers["X-Forwarded-Proto"] = request.scheme
-    forwarded_host = headers.getall("X-Forwarded-Host", ())
-    if not trusted or len(forwarded_host) != 1:
-        headers.popall("X-Forwarded-Host", None)
-        host = request.headers.get("Host")
-        if host is not None:
-            headers["X-Forwarded-Host"] = host
 
 
 # The request body.

@@ -26,7 +26,6 @@ import aiohttp
 import orjson
 from aiohttp import StreamReader, web
 from aiohttp.http import HttpVersion11
-from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.errors import StatefulRouteError
 from proxy.inbound import (
@@ -35,8 +34,8 @@ from proxy.inbound import (
     Network,
     RequestRejected,
     closing_error,
+    is_trusted,
     request_target,
-    set_forwarded_headers,
 )
 from proxy.pods import Pod
 from proxy.retry import RETRYABLE_METHODS, RequestBody, Stage
@@ -69,6 +68,10 @@ HOP_BY_HOP = frozenset(
         "upgrade",
     }
 )
+# No header names, for the common case of a Connection header naming none.
+_NOTHING: frozenset[str] = frozenset()
+# Client headers that the pod gets as `forwarded_headers` sets them.
+_FORWARDED = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"})
 _CONTINUE_LINE = b"HTTP/1.1 100 Continue\r\n\r\n"
 # Request key that marks a client that got its 100 Continue.
 _CONTINUE_SENT = "stateful_route.continue_sent"
@@ -109,19 +112,6 @@ def error_response(
     """Return a response with a short JSON body describing a failure."""
     body = orjson.dumps({"error": code, "message": message, **details})
     return web.Response(status=status, body=body, content_type="application/json")
-
-
-def strip_hop_by_hop(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    """Return a copy of `headers` without hop-by-hop headers, order kept."""
-    named: set[str] = set()
-    for value in headers.getall("Connection", ()):
-        named.update(token.strip().lower() for token in value.split(","))
-    kept: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():
-        lowered = name.lower()
-        if lowered not in HOP_BY_HOP and lowered not in named:
-            kept.add(name, value)
-    return kept
 
 
 class Relay:
@@ -206,7 +196,7 @@ class Relay:
         pod: Pod,
         client_timeout: aiohttp.ClientTimeout,
         ids: dict[str, Any],
-        headers: CIMultiDict[str],
+        headers: list[tuple[str, str]],
         body: RequestBody,
     ) -> web.StreamResponse:
         """Send one attempt of `request` to `pod` and stream the response back.
@@ -233,14 +223,13 @@ class Relay:
         pod: Pod,
         client_timeout: aiohttp.ClientTimeout,
         ids: dict[str, Any],
-        headers: CIMultiDict[str],
+        headers: list[tuple[str, str]],
         body: bytes | StreamReader | AsyncIterator[bytes] | None,
     ) -> web.StreamResponse:
         address = pod.address
         upgrade = websocket_upgrade(request)
         if upgrade is not None:
-            headers["Connection"] = "Upgrade"
-            headers["Upgrade"] = upgrade
+            headers = [*headers, ("Connection", "Upgrade"), ("Upgrade", upgrade)]
         streamed = body is not None and not isinstance(body, bytes)
         on_continue = None
         if streamed and expects_continue(request):
@@ -253,7 +242,7 @@ class Relay:
                 (address.host, address.port),
                 request.method,
                 request_target(request),
-                headers.items(),
+                headers,
                 body,
                 content_length=request.content_length if body is not None else None,
                 connect_timeout_s=client_timeout.sock_connect,
@@ -341,14 +330,19 @@ class Relay:
 
 def _relayed_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """Return the pod's response headers without hop-by-hop ones, order kept."""
-    named: set[str] = set()
-    for name, value in headers:
-        if name.lower() == "connection":
-            named.update(token.strip().lower() for token in value.split(","))
+    lowered = [name.lower() for name, _ in headers]
+    named: frozenset[str] | set[str] = _NOTHING
+    if "connection" in lowered:
+        named = {
+            token.strip().lower()
+            for (_, value), name in zip(headers, lowered, strict=True)
+            if name == "connection"
+            for token in value.split(",")
+        }
     return [
-        (name, value)
-        for name, value in headers
-        if name.lower() not in HOP_BY_HOP and name.lower() not in named
+        item
+        for item, name in zip(headers, lowered, strict=True)
+        if name not in HOP_BY_HOP and name not in named
     ]
 
 
@@ -374,18 +368,96 @@ def pod_request_headers(
     extra_headers: Mapping[str, str] | None = None,
     removed_headers: Iterable[str] = (),
     trusted: tuple[Network, ...] = (),
-) -> CIMultiDict[str]:
-    """Return the headers of `request` for the pod.
+    kept_headers: Iterable[str] = (),
+) -> list[tuple[str, str]]:
+    """Return the headers of `request` for the pod, in the client's order.
 
-    Those of `upstream_headers`, without `removed_headers`, then with
-    `extra_headers` set.
+    Built in one pass over the client's headers, which drops the hop-by-hop
+    ones, those named in Connection, Expect (the relay sets it itself when
+    it forwards 100-continue) and `removed_headers`. Then X-Forwarded-For,
+    -Proto and -Host follow as `forwarded_headers` sets them for the
+    `trusted` networks, then `extra_headers`. Last come those of
+    `kept_headers` that the client sent but the rules above dropped, such as
+    a routing header named in Connection, with their first value.
     """
-    headers = upstream_headers(request, trusted)
-    for name in removed_headers:
-        headers.popall(name, None)
+    source = request.headers
+    named: frozenset[str] | set[str] = _NOTHING
+    if "Connection" in source:
+        named = {
+            token.strip().lower()
+            for value in source.getall("Connection")
+            for token in value.split(",")
+        }
+    removed = {name.lower() for name in removed_headers}
+    headers: list[tuple[str, str]] = []
+    forwarded: list[tuple[str, str]] = []
+    for name, value in source.items():
+        lowered = name.lower()
+        if _is_dropped(lowered, named, removed):
+            continue
+        if lowered in _FORWARDED:
+            forwarded.append((lowered, value))
+        headers.append((name, value))
+    forwarded_headers(headers, forwarded, request, trusted)
     if extra_headers:
-        headers.update(extra_headers)
+        headers.extend(extra_headers.items())
+    for name in kept_headers:
+        if _is_dropped(name.lower(), named, removed):
+            kept = source.get(name)
+            if kept is not None:
+                headers.append((name, kept))
     return headers
+
+
+def _is_dropped(
+    lowered: str, named: frozenset[str] | set[str], removed: set[str]
+) -> bool:
+    return (
+        lowered in HOP_BY_HOP
+        or lowered in named
+        or lowered in removed
+        or lowered == "expect"
+    )
+
+
+def forwarded_headers(
+    headers: list[tuple[str, str]],
+    received: list[tuple[str, str]],
+    request: web.BaseRequest,
+    networks: tuple[Network, ...],
+) -> None:
+    """Set X-Forwarded-For, -Proto and -Host on the pod's `headers`.
+
+    `received` are the client's X-Forwarded-* headers in `headers`, with
+    lowercase names. From a peer in `networks` the client's values are kept:
+    the peer is appended to its X-Forwarded-For, joined into one line at the
+    end, and its X-Forwarded-Proto and -Host stay in place when they appear
+    once. From any other peer all three are replaced by what the proxy saw
+    itself, at the end.
+    """
+    peer = request.remote or ""
+    trusted = bool(received) and is_trusted(peer, networks)
+    chain = ""
+    replaced = {"x-forwarded-for"}
+    if received:
+        counts = {name: 0 for name in _FORWARDED}
+        for name, _ in received:
+            counts[name] += 1
+        if trusted:
+            chain = ", ".join(v for n, v in received if n == "x-forwarded-for")
+        for name in ("x-forwarded-proto", "x-forwarded-host"):
+            if not trusted or counts[name] != 1:
+                replaced.add(name)
+        headers[:] = [item for item in headers if item[0].lower() not in replaced]
+    else:
+        replaced.update(_FORWARDED)
+    headers.append(("X-Forwarded-For", f"{chain}, {peer}" if chain else peer))
+    if "x-forwarded-proto" in replaced:
+        headers.append(("X-Forwarded-Proto", request.scheme))
+    if "x-forwarded-host" in replaced:
+        host = request.headers.get("Host")
+        if host is not None:
+            headers.append(("X-Forwarded-Host", host))
 
 
 async def answer_expect(request: web.BaseRequest) -> web.Response | None:
@@ -423,20 +495,6 @@ async def send_continue(request: web.BaseRequest) -> None:
     await request.writer.write(_CONTINUE_LINE)
     # The interim response is not part of the final response's size.
     request.writer.output_size = 0
-
-
-def upstream_headers(
-    request: web.BaseRequest, trusted: tuple[Network, ...] = ()
-) -> CIMultiDict[str]:
-    """Return the client's headers for the pod, with the X-Forwarded-* set.
-
-    `trusted` are the networks of proxies whose X-Forwarded-* are kept.
-    """
-    headers = strip_hop_by_hop(request.headers)
-    # The relay sets Expect itself when it forwards 100-continue.
-    headers.popall("Expect", None)
-    set_forwarded_headers(headers, request, trusted)
-    return headers
 
 
 async def _client_write(write: Awaitable[object], ids: dict[str, Any]) -> bool:

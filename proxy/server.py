@@ -28,6 +28,7 @@ from proxy.forward import Forwarder
 from proxy.health import TransitionCounts, log_transitions
 from proxy.inbound import InboundServer, Limits
 from proxy.inflight import InFlight
+from proxy.listener import BatchAcceptSite
 from proxy.logs import ACCESS_LOGGER, AccessLogger
 from proxy.metrics import Metrics
 from proxy.podside import PodAgent
@@ -51,6 +52,11 @@ logger = logging.getLogger("stateful_route.server")
 _BACKGROUND_STOP_S = 2.0
 # Time the runner gives handlers after stop() stopped waiting for them.
 _CANCEL_GRACE_S = 0.05
+# Listen backlog of the proxy port. aiohttp's default of 128 overflows when
+# hundreds of clients connect at once, and the kernel then drops their SYNs,
+# which the clients resend only after 1 s, 3 s and more. Linux caps it at
+# net.core.somaxconn, whose default is 4096 since Linux 5.4.
+_LISTEN_BACKLOG = 4096
 
 
 def create_store(settings: StoreSettings) -> LinkStore:
@@ -268,8 +274,11 @@ class ProxyServer:
         self._runners.append(runner)
         # With several workers each process binds the same port, and the
         # kernel spreads new connections over them.
-        reuse_port = self.config.proxy.workers > 1 or None
-        await web.TCPSite(runner, host, port, reuse_port=reuse_port).start()
+        reuse_port = self.config.proxy.workers > 1
+        site = BatchAcceptSite(
+            runner, host, port, backlog=_LISTEN_BACKLOG, reuse_port=reuse_port
+        )
+        await site.start()
         return runner
 
     def _start_health(self) -> None:

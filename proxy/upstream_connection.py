@@ -284,8 +284,7 @@ class Connection(asyncio.Protocol):
         else:
             transport.write(head)
             self._sender = self._loop.create_task(self._send_body(body, chunked))
-        if self._timer is None:
-            self._start_timer()
+        self._start_timer()
 
         await head_waiter
         return self._head_result(head_waiter)
@@ -384,7 +383,8 @@ class Connection(asyncio.Protocol):
         if sender is not None and not sender.done():
             sender.cancel()
             reusable = False
-        self._cancel_timer()
+        if not reusable:
+            self._cancel_timer()
         self._reset_exchange()
         self._active = False
         if self._reading_paused and self._transport is not None:
@@ -587,8 +587,10 @@ class Connection(asyncio.Protocol):
     # Internals.
 
     def _complete_message(self) -> None:
+        # The read timer stays armed and stops when it fires, so that a
+        # keep-alive connection schedules one timer per read timeout instead
+        # of one per request.
         self.message_complete = True
-        self._cancel_timer()
         self._wake_reader()
 
     def _fail(self, error: BaseException) -> None:
@@ -624,16 +626,25 @@ class Connection(asyncio.Protocol):
             waiter.set_result(None)
 
     def _start_timer(self) -> None:
-        if self._read_timeout_s is None or self.tunnel:
+        """Start the read timeout of an exchange, reusing a timer still armed."""
+        timeout = self._read_timeout_s
+        if timeout is None or self.tunnel:
+            self._cancel_timer()
             return
-        self._last_activity = self._loop.time()
-        self._timer = self._loop.call_at(
-            self._last_activity + self._read_timeout_s, self._check_timeout
-        )
+        now = self._last_activity = self._loop.time()
+        if self._timer is not None:
+            if self._timer.when() <= now + timeout:
+                return
+            # An earlier exchange had a longer timeout.
+            self._timer.cancel()
+        self._timer = self._loop.call_at(now + timeout, self._check_timeout)
 
     def _check_timeout(self) -> None:
         timeout = self._read_timeout_s
-        assert timeout is not None
+        if timeout is None or not self._active or self.message_complete:
+            # The exchange ended, so nothing waits for the pod.
+            self._timer = None
+            return
         now = self._loop.time()
         if self._reading_paused:
             # The caller lags behind, so the pod is not the one that is silent.

@@ -837,6 +837,22 @@ async def test_trusted_peer_forwarded_chain_extended(launch: Any) -> None:
     assert seen.getall("X-Forwarded-Host") == ["shop.example.test"]
 
 
+async def test_trusted_peer_repeated_proto_replaced(launch: Any) -> None:
+    trusting = launch(trusted_proxies=["127.0.0.0/8"])
+    extra = (
+        "X-Forwarded-Proto: https\r\n"
+        "X-Forwarded-Proto: http\r\n"
+        "X-Forwarded-Host: shop.example.test\r\n"
+    )
+
+    reply = await exchange(trusting.port, head("doubled", "/", extra))
+
+    seen = CIMultiDict(reply.json()["headers"])
+    assert seen.getall("X-Forwarded-For") == ["127.0.0.1"]
+    assert seen.getall("X-Forwarded-Proto") == ["http"]
+    assert seen.getall("X-Forwarded-Host") == ["shop.example.test"]
+
+
 # Bodies.
 
 

@@ -325,6 +325,34 @@ async def test_active_stream_outlives_read_timeout(
     assert body == b"tick" * 8
 
 
+async def test_reused_connection_takes_shorter_timeout(
+    pool: UpstreamPool, pod: ScriptedPod
+) -> None:
+    # The first exchange leaves its 30 s read timer armed on the pooled
+    # connection; the second one must still time out after 0.3 s.
+    await fetch(pool, pod, "/length", read_timeout_s=30.0)
+    with pytest.raises(UpstreamFailure) as failure:
+        async with asyncio.timeout(10.0):
+            await send(pool, pod, "/silent", read_timeout_s=0.3)
+
+    assert failure.value.stage is Stage.TIMEOUT
+    assert isinstance(failure.value.cause, ReadTimeoutError)
+    assert [event.connection for event in pod.events] == [1, 1]
+
+
+async def test_idle_connection_outlives_read_timeout(
+    pool: UpstreamPool, pod: ScriptedPod
+) -> None:
+    await fetch(pool, pod, "/length", read_timeout_s=0.2)
+    # The read timer fires while the connection is idle in the pool.
+    await asyncio.sleep(0.5)
+    response, body = await fetch(pool, pod, "/length", read_timeout_s=0.2)
+
+    assert response.status == 200
+    assert body == b"hello"
+    assert [event.connection for event in pod.events] == [1, 1]
+
+
 # Requests.
 
 

@@ -1,0 +1,92 @@
+"""Tests of the batch-accepting site of the proxy ports, over real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+
+import pytest
+from aiohttp import web
+from conftest import LOOPBACK
+
+from proxy import listener
+from proxy.listener import BatchAcceptSite
+
+BURST = 300
+
+
+async def hello(request: web.BaseRequest) -> web.Response:
+    return web.Response(body=b"hello")
+
+
+@pytest.fixture
+async def runner() -> AsyncIterator[web.ServerRunner]:
+    server_runner = web.ServerRunner(web.Server(hello), handle_signals=False)
+    await server_runner.setup()
+    try:
+        yield server_runner
+    finally:
+        await server_runner.cleanup()
+
+
+async def get(port: int) -> bytes:
+    reader, writer = await asyncio.open_connection(LOOPBACK, port)
+    try:
+        writer.write(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ")
+        return await reader.readexactly(5)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+def bound_port(runner: web.ServerRunner) -> int:
+    port: int = runner.addresses[0][1]
+    return port
+
+
+async def test_site_serves_on_free_port(runner: web.ServerRunner) -> None:
+    site = BatchAcceptSite(runner, LOOPBACK, 0, backlog=128)
+    await site.start()
+    port = bound_port(runner)
+
+    assert port != 0
+    assert await get(port) == b"hello"
+
+
+async def test_site_accepts_burst_beyond_batch(
+    runner: web.ServerRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Ten connections per readiness event, so the burst needs many events.
+    monkeypatch.setattr(listener, "ACCEPT_BATCH", 10)
+    site = BatchAcceptSite(runner, LOOPBACK, 0, backlog=BURST)
+    await site.start()
+    port = bound_port(runner)
+
+    async with asyncio.timeout(30.0):
+        bodies = await asyncio.gather(*(get(port) for _ in range(BURST)))
+
+    assert bodies == [b"hello"] * BURST
+
+
+async def test_site_in_use_port_names_address(runner: web.ServerRunner) -> None:
+    with socket.socket() as taken:
+        taken.bind((LOOPBACK, 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        site = BatchAcceptSite(runner, LOOPBACK, port, backlog=128)
+
+        with pytest.raises(OSError, match=rf"bind on address \('{LOOPBACK}', {port}\)"):
+            await site.start()
+
+
+async def test_stopped_site_refuses_connections(runner: web.ServerRunner) -> None:
+    site = BatchAcceptSite(runner, LOOPBACK, 0, backlog=128)
+    await site.start()
+    port = bound_port(runner)
+    await site.stop()
+
+    with pytest.raises(ConnectionRefusedError):
+        await get(port)

@@ -435,6 +435,10 @@ def upstream_headers(
     headers = strip_hop_by_hop(request.headers)
     # The relay sets Expect itself when it forwards 100-continue.
     headers.popall("Expect", None)
+    # The pod gets HTTP/1.1, which requires Host (RFC 9112, section 3.2). An
+    # HTTP/1.0 request without one names no authority, so the value is empty.
+    if "Host" not in headers:
+        headers["Host"] = ""
     set_forwarded_headers(headers, request, trusted)
     return headers
 

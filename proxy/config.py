@@ -692,6 +692,12 @@ def _workers_problems(
             f"proxy.workers = {workers}: worker i serves the admin API on "
             f"admin.port + i, and {last_admin_port} is above 65535"
         )
+    if admin.enabled and 0 < admin.port < proxy.port <= last_admin_port:
+        problems.append(
+            f"proxy.workers = {workers}: worker i serves the admin API on "
+            f"admin.port + i, so worker {proxy.port - admin.port} would serve it "
+            f"on proxy.port {proxy.port}"
+        )
     return problems
 
 

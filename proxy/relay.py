@@ -398,6 +398,10 @@ def pod_request_headers(
         if lowered in _FORWARDED:
             forwarded.append((lowered, value))
         headers.append((name, value))
+    # The pod gets HTTP/1.1, which requires Host (RFC 9112, section 3.2). An
+    # HTTP/1.0 request without one names no authority, so the value is empty.
+    if "Host" not in source:
+        headers.append(("Host", ""))
     forwarded_headers(headers, forwarded, request, trusted)
     if extra_headers:
         headers.extend(extra_headers.items())

@@ -7,13 +7,13 @@ spreads new connections over them, and worker I serves the admin API on
 
 SIGTERM, SIGINT and SIGHUP are forwarded to every worker. After SIGTERM or
 SIGINT the supervisor waits for the workers and exits with 0 when all of
-them exited with 0, else with 1. A worker that dies while no stop was asked
-for is started again after a backoff that doubles from `RESTART_MIN_S` to
-`RESTART_MAX_S` and resets once the worker ran for `STABLE_S`. A worker
-that exits with the configuration error code stops the whole group, as
-does one that fails `MAX_QUICK_FAILURES` times in a row within `STABLE_S`
-of its start. Each worker reloads its configuration on the forwarded
-SIGHUP.
+them exited with 0 or were ended by that signal, else with 1. A worker that
+dies while no stop was asked for is started again after a backoff that
+doubles from `RESTART_MIN_S` to `RESTART_MAX_S` and resets once the worker
+ran for `STABLE_S`. A worker that exits with the configuration error code
+stops the whole group, as does one that fails `MAX_QUICK_FAILURES` times in
+a row within `STABLE_S` of its start. Each worker reloads its configuration
+on the forwarded SIGHUP.
 """
 
 from __future__ import annotations
@@ -149,13 +149,17 @@ class Supervisor:
         if code is None:
             return
         worker.process = None
-        worker.exit_codes.append(code)
-        if self._stop_signal is not None:
-            logger.info(
-                "worker %d (pid %d) exited with %d", worker.index, process.pid, code
-            )
+        if self._stop_signal is None:
+            worker.exit_codes.append(code)
+            self._restart_later(worker, process.pid, code, now)
             return
-        self._restart_later(worker, process.pid, code, now)
+        logger.info(
+            "worker %d (pid %d) exited with %d", worker.index, process.pid, code
+        )
+        # A worker that also got the stop signal itself (one sent to the whole
+        # process group) may have stopped and removed its handlers before the
+        # forwarded copy arrived, which then ends it: a clean stop all the same.
+        worker.exit_codes.append(0 if code == -self._stop_signal else code)
 
     def _restart_later(self, worker: _Worker, pid: int, code: int, now: float) -> None:
         from proxy.cli import EXIT_CONFIG, EXIT_FAILURE

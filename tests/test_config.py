@@ -470,6 +470,33 @@ def test_admin_port_must_differ_from_proxy_port() -> None:
     assert problems == ["admin.port = 9000: the same port as proxy.port"]
 
 
+def test_worker_admin_port_on_proxy_port() -> None:
+    document = minimal(
+        proxy={"port": 9002, "workers": 3},
+        admin={"port": 9000},
+        store={"backend": "redis"},
+    )
+
+    problems = problems_of(document)
+
+    assert problems == [
+        "proxy.workers = 3: worker i serves the admin API on admin.port + i, "
+        "so worker 2 would serve it on proxy.port 9002"
+    ]
+
+
+def test_worker_admin_ports_below_proxy_port() -> None:
+    document = minimal(
+        proxy={"port": 9003, "workers": 3},
+        admin={"port": 9000},
+        store={"backend": "redis"},
+    )
+
+    config = parse_config(document, environ={})
+
+    assert config.proxy.workers == 3
+
+
 def test_admin_port_checked_beside_broken_service() -> None:
     document = minimal(proxy={"port": 9000}, admin={"port": 9000})
     document["services"]["game"]["colour"] = "blue"

@@ -572,6 +572,19 @@ async def test_chunked_in_http_1_0_rejected(
     assert reaching(pod, mark, marker) == []
 
 
+async def test_http_1_0_without_host_forwarded(proxy: Proxy) -> None:
+    # The pod gets HTTP/1.1, which requires a Host line, and the client's
+    # HTTP/1.0 request names no authority, so the line is empty.
+    data = b"GET /old-client HTTP/1.0\r\nX-Uid: old\r\nX-Service: game\r\n\r\n"
+
+    reply = await exchange(proxy.port, data)
+
+    assert reply.status == 200
+    seen = CIMultiDict(reply.json()["headers"])
+    assert seen.getall("Host") == [""]
+    assert "X-Forwarded-Host" not in seen
+
+
 # Request targets.
 
 TARGETS = [

@@ -208,6 +208,40 @@ async def test_killed_worker_restarts(
         stop_process(process)
 
 
+# A stand-in worker with the default SIGTERM action, as a real worker has
+# after its proxy stopped and removed its handlers.
+STAND_IN_WORKER = (
+    "import pathlib, sys, time\n"
+    "pathlib.Path(sys.argv[1], 'ready-' + sys.argv[-1]).touch()\n"
+    "time.sleep(60)\n"
+)
+RUN_SUPERVISOR = (
+    "import sys\n"
+    "from proxy.supervisor import Supervisor\n"
+    "sys.exit(Supervisor(sys.argv[1:], 2, 1.0).run())\n"
+)
+
+
+def test_worker_ended_by_forwarded_stop_is_clean(tmp_path: Path) -> None:
+    # A worker stopped by a SIGTERM sent to the whole process group (systemd,
+    # kill -TERM -PGID) can finish before the supervisor's copy arrives.
+    worker = [sys.executable, "-c", STAND_IN_WORKER, str(tmp_path)]
+    log_path = tmp_path / "supervisor.log"
+    process = spawn([sys.executable, "-c", RUN_SUPERVISOR, *worker], log_path)
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while len(list(tmp_path.glob("ready-*"))) < WORKERS:
+            assert process.poll() is None, log_tail(log_path)
+            assert time.monotonic() < deadline, "stand-in workers did not start"
+            time.sleep(0.02)
+
+        code = stop_process(process, signal.SIGTERM)
+
+        assert code == 0, log_tail(log_path)
+    finally:
+        stop_process(process)
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

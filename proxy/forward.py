@@ -67,6 +67,7 @@ from proxy.retry import (
 from proxy.routing import Origin, Route, Router
 from proxy.services import Service
 from proxy.statetable import PodStates
+from proxy.tunnel import TUNNEL_OPENED
 from proxy.upstream import UpstreamPool
 
 logger = logging.getLogger("stateful_route.forward")
@@ -152,8 +153,9 @@ class Forwarder:
             status = response.status
             return response
         except asyncio.CancelledError:
-            # The client went away, so no status was sent to count.
-            status = 0
+            # The client went away. That ends a tunnel after its 101, and
+            # other requests before a status was sent, which are not counted.
+            status = 101 if request.get(TUNNEL_OPENED) else 0
             raise
         finally:
             self.in_flight.leave()

@@ -224,10 +224,10 @@ class Invalidator:
             return
         logger.log(
             level,
-            "invalidation connection to Redis lost or not established: %s. The "
-            "local link cache is off and every request reads the store until "
-            "it reconnects",
-            exc,
+            "invalidation connection to Redis lost or not established (%s). "
+            "The local link cache is off and every request reads the store "
+            "until it reconnects",
+            str(exc).rstrip("."),
         )
         self._lost_level = level
 

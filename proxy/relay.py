@@ -96,7 +96,33 @@ class UpstreamError(StatefulRouteError):
         return 504 if isinstance(self.cause, TimeoutError) else 502
 
 
-class _CoalescedResponse(web.StreamResponse):
+class _RelayedResponse(web.StreamResponse):
+    """A pod's response, without the Content-Type and Server that aiohttp adds.
+
+    aiohttp 3.14's `StreamResponse._prepare_headers` sets Content-Type to
+    application/octet-stream and Server to its own name when they are
+    missing, and `_write_headers` runs right after it. A proxy passes on
+    what the pod sent, so those two are removed again when the pod sent
+    neither. The Date that aiohttp adds stays, as RFC 9110 section 6.6.1
+    asks of a recipient that forwards a response without one.
+    """
+
+    def keep_pod_headers(self) -> None:
+        """Note which of the two headers the pod sent, before `prepare`."""
+        headers = self.headers
+        self._pod_sent_type = "Content-Type" in headers
+        self._pod_sent_server = "Server" in headers
+
+    async def _write_headers(self) -> None:
+        headers = self.headers
+        if not getattr(self, "_pod_sent_type", True):
+            headers.popall("Content-Type", None)
+        if not getattr(self, "_pod_sent_server", True):
+            headers.popall("Server", None)
+        await super()._write_headers()
+
+
+class _CoalescedResponse(_RelayedResponse):
     """A response whose head goes out with its first body bytes, in one write.
 
     For a body that arrived whole with the head. `_send_headers_immediately`
@@ -290,9 +316,10 @@ class Relay:
     ) -> web.StreamResponse:
         """Relay the pod's response head and body to the client."""
         whole = upstream.complete
-        response = _CoalescedResponse() if whole else web.StreamResponse()
+        response = _CoalescedResponse() if whole else _RelayedResponse()
         response.set_status(upstream.status, upstream.reason)
         response.headers.extend(_relayed_headers(upstream.headers))
+        response.keep_pod_headers()
         if self._routed_pod_header:
             response.headers[self._routed_pod_header] = str(pod.index)
         if upstream.tunnel:

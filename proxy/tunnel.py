@@ -17,6 +17,11 @@ from aiohttp.http_websocket import WebSocketReader
 
 from proxy.upstream import UpstreamResponse
 
+# Request key set once the client got the pod's 101. A tunnel usually ends
+# with the client closing its connection, which cancels the handler, so
+# the handler's caller cannot take the status from a returned response.
+TUNNEL_OPENED = "stateful_route.tunnel_opened"
+
 logger = logging.getLogger("stateful_route.relay")
 
 
@@ -78,6 +83,7 @@ async def relay_tunnel(
     # The connection never returns to HTTP after the tunnel.
     response.force_close()
     await response.prepare(request)
+    request[TUNNEL_OPENED] = True
     # NOTE: bytes from the client go to the pod without write backpressure;
     # a client that outpaces the pod grows the pod connection's buffer.
     request.protocol.set_parser(cast(WebSocketReader, _ClientBytes(upstream)))

@@ -46,6 +46,10 @@ _CHUNKED_HEAD = _OK_HEAD + b"Transfer-Encoding: chunked\r\n\r\n"
 
 SCRIPTS: dict[str, list[Step]] = {
     "length": [_OK_HEAD + b"Content-Length: 5\r\n\r\nhello"],
+    "bare": [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"],
+    "with-server": [
+        b"HTTP/1.1 200 OK\r\nServer: game/2\r\nContent-Length: 2\r\n\r\nok"
+    ],
     "chunked": [_CHUNKED_HEAD + b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"],
     "close-delimited": [_OK_HEAD + b"Connection: close\r\n\r\nhello world", CLOSE],
     "idle-close": [_OK_HEAD + b"Content-Length: 5\r\n\r\nhello", 0.1, CLOSE],

@@ -212,6 +212,22 @@ async def test_pod_length_kept_without_chunking(proxy: ProxyProcess) -> None:
     assert response.body == b"hello"
 
 
+async def test_no_content_type_or_server_added(proxy: ProxyProcess) -> None:
+    response = await exchange(proxy, request_head("/bare"))
+
+    assert response.status == 200
+    assert "Content-Type" not in response.headers
+    assert "Server" not in response.headers
+    assert "Date" in response.headers
+    assert response.body == b"ok"
+
+
+async def test_pod_server_header_kept(proxy: ProxyProcess) -> None:
+    response = await exchange(proxy, request_head("/with-server"))
+
+    assert response.headers.getall("Server") == ["game/2"]
+
+
 async def test_chunked_pod_body_chunked_without_length(proxy: ProxyProcess) -> None:
     response = await exchange(proxy, request_head("/chunked"))
 

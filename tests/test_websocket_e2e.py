@@ -118,6 +118,59 @@ async def test_quiet_websocket_outlives_read_timeout(
     assert reply == "echo:still here"
 
 
+async def requests_counted(
+    client: aiohttp.ClientSession, proxy: ProxyProcess, line: str
+) -> list[str]:
+    """Return the lines of /metrics that start with `line`, once there are any."""
+    metrics_url = f"http://{LOOPBACK}:{proxy.admin_port}/metrics"
+    deadline = time.monotonic() + 5.0
+    while True:
+        async with client.get(metrics_url) as response:
+            text = await response.text()
+        counted = [row for row in text.splitlines() if row.startswith(line)]
+        if counted or time.monotonic() > deadline:
+            return counted
+        await asyncio.sleep(0.05)
+
+
+TUNNELS_COUNTED = (
+    'stateful_route_requests_total{pod="0",service="chat",status_class="1xx"}'
+)
+
+
+async def test_closed_websocket_counted_as_1xx(
+    proxy: ProxyProcess, client: aiohttp.ClientSession
+) -> None:
+    async with client.ws_connect(f"{proxy.url}/ws", headers=ROUTING) as socket:
+        await socket.send_str("one")
+        await socket.receive_str(timeout=5)
+
+    counted = await requests_counted(client, proxy, TUNNELS_COUNTED)
+
+    assert counted == [f"{TUNNELS_COUNTED} 1.0"]
+
+
+async def test_dropped_websocket_counted_as_1xx(
+    proxy: ProxyProcess, client: aiohttp.ClientSession
+) -> None:
+    reader, writer = await asyncio.open_connection(LOOPBACK, proxy.port)
+    writer.write(
+        b"GET /ws HTTP/1.1\r\nHost: chat\r\nX-Uid: dropper\r\n"
+        b"X-Service: chat\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        b"Sec-WebSocket-Version: 13\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    # The client drops the connection without a close frame, so the pod
+    # keeps its side open and the proxy's handler is cancelled.
+    writer.transport.abort()
+
+    counted = await requests_counted(client, proxy, TUNNELS_COUNTED)
+
+    assert head.startswith(b"HTTP/1.1 101 ")
+    assert counted == [f"{TUNNELS_COUNTED} 1.0"]
+
+
 @pytest.mark.parametrize(
     ("path", "status", "body"),
     [("/ws-denied", 401, b"no ticket"), ("/ws-missing", 404, b"404: Not Found")],

@@ -107,19 +107,19 @@ def json_error_body(code: str, message: str) -> bytes:
 
 
 class _ErrorResponse(web.Response):
-    """A JSON error response; a 505 has an HTTP/1.1 status line.
+    """A JSON error response, always with an HTTP/1.1 status line.
 
-    aiohttp writes the request's version in the status line, which for a 505
-    is the version that the proxy rejects.
+    aiohttp writes the request's version in the status line. For a 505 that
+    is the version the proxy rejects, and for a parse error the HTTP/1.0 of
+    the placeholder request that aiohttp builds. HTTP/1.1 is the highest
+    version the proxy speaks, which RFC 9110 section 6.2 says to send.
     """
 
     async def _write_headers(self) -> None:
-        if self.status != 505:
-            await super()._write_headers()
-            return
         writer = self._payload_writer
         assert writer is not None
-        await writer.write_headers(f"HTTP/1.1 505 {self.reason}", self.headers)
+        status_line = f"HTTP/1.1 {self.status} {self.reason}"
+        await writer.write_headers(status_line, self.headers)
 
 
 def closing_error(status: int, code: str, message: str) -> web.Response:

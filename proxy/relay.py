@@ -97,21 +97,25 @@ class UpstreamError(StatefulRouteError):
 
 
 class _RelayedResponse(web.StreamResponse):
-    """A pod's response, without the Content-Type and Server that aiohttp adds.
+    """A pod's response, with the header changes of aiohttp undone.
 
     aiohttp 3.14's `StreamResponse._prepare_headers` sets Content-Type to
     application/octet-stream and Server to its own name when they are
-    missing, and `_write_headers` runs right after it. A proxy passes on
-    what the pod sent, so those two are removed again when the pod sent
-    neither. The Date that aiohttp adds stays, as RFC 9110 section 6.6.1
-    asks of a recipient that forwards a response without one.
+    missing, and removes Content-Length from a 304. `_write_headers` runs
+    right after it and restores what the pod sent. The Date that aiohttp
+    adds stays, as RFC 9110 section 6.6.1 requires of a recipient that
+    forwards a response without one.
     """
 
     def keep_pod_headers(self) -> None:
-        """Note which of the two headers the pod sent, before `prepare`."""
+        """Note the pod's headers that aiohttp would change, before `prepare`."""
         headers = self.headers
         self._pod_sent_type = "Content-Type" in headers
         self._pod_sent_server = "Server" in headers
+        # RFC 9110 section 8.6 lets a 304 state the length of the 200.
+        self._not_modified_length = (
+            headers.get("Content-Length") if self.status == 304 else None
+        )
 
     async def _write_headers(self) -> None:
         headers = self.headers
@@ -119,6 +123,9 @@ class _RelayedResponse(web.StreamResponse):
             headers.popall("Content-Type", None)
         if not getattr(self, "_pod_sent_server", True):
             headers.popall("Server", None)
+        length = getattr(self, "_not_modified_length", None)
+        if length is not None and "Content-Length" not in headers:
+            headers["Content-Length"] = length
         await super()._write_headers()
 
 

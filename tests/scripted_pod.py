@@ -79,6 +79,9 @@ SCRIPTS: dict[str, list[Step]] = {
     ],
     "no-content": [b"HTTP/1.1 204 No Content\r\nX-Kept: 204\r\n\r\n"],
     "not-modified": [b'HTTP/1.1 304 Not Modified\r\nETag: "v1"\r\nX-Kept: 304\r\n\r\n'],
+    "not-modified-length": [
+        b"HTTP/1.1 304 Not Modified\r\nContent-Length: 1234\r\n\r\n"
+    ],
     "head": [_OK_HEAD + b"Content-Length: 1234\r\nX-Kept: head\r\n\r\n"],
     "slow-stream": [
         _CHUNKED_HEAD,

@@ -550,6 +550,23 @@ async def test_request_line_without_version_gets_400(
     assert reaching(pod, mark, "no-version") == []
 
 
+async def test_parse_error_answered_as_http_1_1(proxy: Proxy, pod: RecordPod) -> None:
+    mark = pod.mark()
+    request = (
+        b"POST /both-lengths HTTP/1.1\r\nHost: x\r\nX-Uid: both-lengths\r\n"
+        b"X-Service: game\r\nContent-Length: 5\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    )
+
+    data = await read_until_closed(proxy.port, request)
+
+    status_line, headers, body = parse_raw(data)
+    assert status_line == "HTTP/1.1 400 Bad Request"
+    assert headers.get("Connection") == "close"
+    assert json.loads(body)["error"] == "invalid_request"
+    assert reaching(pod, mark, "both-lengths") == []
+
+
 @pytest.mark.parametrize("method", ["GET", "POST"])
 async def test_chunked_in_http_1_0_rejected(
     proxy: Proxy, pod: RecordPod, method: str

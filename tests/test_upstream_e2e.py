@@ -308,6 +308,21 @@ async def test_no_content_and_not_modified_send_no_body(
     assert next_response.body == b"hello"
 
 
+async def test_not_modified_keeps_pod_length(proxy: ProxyProcess) -> None:
+    reader, writer = await open_client(proxy)
+    try:
+        writer.write(request_head("/not-modified-length") + request_head("/length"))
+        await writer.drain()
+        bodyless = await read_framed(reader, bodyless=True)
+        next_response = await read_framed(reader)
+    finally:
+        await close_client(writer)
+
+    assert bodyless.status == 304
+    assert bodyless.headers.getall("Content-Length") == ["1234"]
+    assert next_response.body == b"hello"
+
+
 # Interim responses.
 
 

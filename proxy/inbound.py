@@ -41,6 +41,7 @@ from aiohttp.http_exceptions import (
     LineTooLong,
 )
 
+from proxy.chunks import strict_chunk_lines
 from proxy.config import ProxySettings
 from proxy.errors import StatefulRouteError
 
@@ -404,6 +405,7 @@ class InboundRequestHandler(web_protocol.RequestHandler):
 
     def __init__(self, manager: InboundServer, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
+        strict_chunk_lines(self._parser)
         self._limits = manager.limits
         self._head = bytearray()
         self._head_timer: asyncio.TimerHandle | None = None

@@ -112,8 +112,8 @@ class _ErrorResponse(web.Response):
 
     aiohttp writes the request's version in the status line. For a 505 that
     is the version the proxy rejects, and for a parse error the HTTP/1.0 of
-    the placeholder request that aiohttp builds. HTTP/1.1 is the highest
-    version the proxy speaks, which RFC 9110 section 6.2 says to send.
+    the placeholder request that aiohttp builds. RFC 9110 section 6.2 has a
+    server send the highest version it conforms to, here HTTP/1.1.
     """
 
     async def _write_headers(self) -> None:

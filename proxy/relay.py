@@ -300,7 +300,8 @@ class Relay:
             ):
                 return _client_body_failed(request, body_error, ids)
             # A body beyond the limit or stalled raises `RequestRejected` in the
-            # forwarder's `GuardedBody`, which answers it from its `failure`.
+            # forwarder's `GuardedBody`. The forwarder reads it from `failure`
+            # and returns its 408 or 413.
             raise UpstreamError(pod, exc.stage, exc.cause) from exc.cause
 
         try:

@@ -53,6 +53,22 @@ def free_port(host: str = LOOPBACK) -> int:
         return port
 
 
+def free_ports(count: int, host: str = LOOPBACK) -> list[int]:
+    """Return `count` different TCP ports on `host` that were free when checked.
+
+    The sockets stay bound until all ports are picked, so two calls of
+    `free_port` cannot return the same port to one proxy's listeners.
+    """
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind((host, 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 def free_cluster_port() -> int:
     """Return a free loopback port whose cluster bus port is free too."""
     for _ in range(CLUSTER_PORT_ATTEMPTS):

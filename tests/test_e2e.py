@@ -28,7 +28,7 @@ from typing import Any
 import aiohttp
 import pytest
 import redis.asyncio
-from conftest import LOOPBACK, RedisServer, free_port
+from conftest import LOOPBACK, RedisServer, free_port, free_ports
 from multidict import CIMultiDict
 from pod_app import COOKIES, REDIRECT_LOCATION, pattern_bytes
 
@@ -285,8 +285,7 @@ def write_config(directory: Path, document: Document, name: str) -> Path:
 
 async def start_proxy(directory: Path, document: Document, number: int) -> ProxyProcess:
     """Start ``stateful-route run`` on free ports and wait until it is healthy."""
-    port = free_port()
-    admin_port = free_port()
+    port, admin_port = free_ports(2)
     document["proxy"]["port"] = port
     document["admin"]["port"] = admin_port
     config_path = write_config(directory, document, f"proxy-{number}.toml")
@@ -911,8 +910,7 @@ async def test_unreachable_redis_fails_startup(
     pods: list[PodProcess], tmp_path: Path
 ) -> None:
     document = proxy_document(pods, f"redis://{LOOPBACK}:{free_port()}/0")
-    document["proxy"]["port"] = free_port()
-    document["admin"]["port"] = free_port()
+    document["proxy"]["port"], document["admin"]["port"] = free_ports(2)
     config_path = write_config(tmp_path, document, "proxy.toml")
 
     result = run_cli("run", "--config", str(config_path))
@@ -1062,8 +1060,7 @@ async def test_redis_outage_places_by_hash_logged_once(
 async def test_demo_keeps_users_sticky(
     tmp_path: Path, client: aiohttp.ClientSession
 ) -> None:
-    port = free_port()
-    admin_port = free_port()
+    port, admin_port = free_ports(2)
     log_path = tmp_path / "demo.log"
     command = [sys.executable, "-m", "proxy", "demo", "--port", str(port)]
     command += ["--pods", "3", "--admin-port", str(admin_port)]

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import LOOPBACK, free_port
+from conftest import LOOPBACK, free_port, free_ports
 from multidict import CIMultiDict
 from test_e2e import (
     READY_TIMEOUT_S,
@@ -156,8 +156,7 @@ def start_inbound_proxy(
     directory: Path, document: Document, env: dict[str, str], name: str
 ) -> Proxy:
     """Start ``stateful-route run`` and wait until its proxy port accepts."""
-    port = free_port()
-    admin_port = free_port()
+    port, admin_port = free_ports(2)
     document["proxy"]["port"] = port
     document["admin"]["port"] = admin_port
     config_path = write_config(directory, document, f"{name}.toml")
@@ -949,14 +948,14 @@ def sidecar(
     tmp_path: Path, pod: RecordPod, parser_env: dict[str, str]
 ) -> Iterator[Proxy]:
     """A pod-side sidecar without services, relaying to the record pod."""
-    port = free_port()
+    port, admin_port = free_ports(2)
     document: Document = {
         "proxy": {
             "max_body_bytes": MAX_BODY_BYTES,
             "header_timeout_s": HEADER_TIMEOUT_S,
             "body_timeout_s": BODY_TIMEOUT_S,
         },
-        "admin": {"host": LOOPBACK, "port": free_port()},
+        "admin": {"host": LOOPBACK, "port": admin_port},
         "log": {"level": "info"},
         "pod": {
             "service": "game",

@@ -27,7 +27,7 @@ Failure modes:
   the cache is suspended: every request reads the store. The loss and the
   recovery are logged once each. Redis stops tracking when the connection
   closes, so after a reconnect the cache starts empty.
-- A connection that stops answering without closing is found by a PING
+- A connection that stops replying without closing is found by a PING
   after ``_PING_PERIOD_S`` of silence and given up ``_SILENCE_LIMIT_S``
   after the last reply.
 - Redis Cluster tracks keys per node, so this module is not started there

@@ -394,10 +394,11 @@ class Router:
     def _place_degraded(self, key: _Key, service: Service, pod_set: PodSet) -> Route:
         """Place a UID while the store is unavailable.
 
-        The order: the pod cached before the cache was suspended, which is
-        routed like a cache hit because the user's state is there; then a
-        placement made earlier in the outage, which wins over the cached pod
-        when that pod was unusable at the time; then the consistent hash.
+        The first choice is the pod cached before the cache was suspended. It
+        is routed like a cache hit, because the user's state is there. Next
+        comes a placement made earlier in the outage, which wins over the
+        cached pod when that pod was unusable at the time. Last comes the
+        consistent hash.
         """
         namespace, _, uid = key
         view = self.health_view(namespace, service, pod_set)

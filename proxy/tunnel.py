@@ -3,7 +3,7 @@
 The relay forwards an upgrade request like any other. When the pod responds
 with 101, the client gets that response head and the connection becomes a byte
 tunnel in both directions, so frames, subprotocol, close codes and reasons
-pass unchanged. A pod that answers with another status sends an ordinary
+pass unchanged. A pod that responds with another status sends an ordinary
 response, and the client's connection stays HTTP.
 """
 

@@ -300,7 +300,7 @@ class Connection(asyncio.Protocol):
         """Write a streamed body, then mark the request sent.
 
         A failed read of the client's body aborts the connection, so the pod
-        sees a cut request, and fails the exchange with `ClientBodyError`.
+        receives a cut request, and fails the exchange with `ClientBodyError`.
         """
         chunks: AsyncIterator[bytes]
         if isinstance(body, StreamReader):

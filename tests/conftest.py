@@ -424,7 +424,7 @@ class RedisSentinelSet:
         return f"redis+sentinel://{addresses}/{SENTINEL_PRIMARY_NAME}/0"
 
     def start(self) -> None:
-        """Start every process and wait until each Sentinel sees the whole set."""
+        """Start every process and wait until each Sentinel lists the whole set."""
         self.primary.start()
         self.replica.start()
         for sentinel in self.sentinels:
@@ -433,9 +433,9 @@ class RedisSentinelSet:
             self._wait_until_discovered(sentinel)
 
     def _wait_until_discovered(self, sentinel: SentinelProcess) -> None:
-        """Wait until `sentinel` knows the replica and the other Sentinels.
+        """Wait until `sentinel` has discovered the replica and the other Sentinels.
 
-        A failover needs a majority of Sentinels that know each other.
+        A failover needs a majority of Sentinels that have discovered each other.
         """
         deadline = time.monotonic() + SENTINEL_READY_TIMEOUT_S
         expected = {

@@ -1,7 +1,7 @@
-"""A pod on raw sockets that answers each request with scripted bytes.
+"""A pod on raw sockets that responds to each request with scripted bytes.
 
 The first path segment of the request target names the script in
-`SCRIPTS`: ``GET /short-length`` answers with a Content-Length larger than
+`SCRIPTS`: ``GET /short-length`` responds with a Content-Length larger than
 the body and closes. A script is a list of steps: bytes to write, a pause
 in seconds, `CLOSE`, `RESET` (SO_LINGER 0, so the kernel sends RST),
 `STALL` (wait until the client closes), `READ_BODY` (read the request body
@@ -220,7 +220,7 @@ class ScriptedPod:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
     ) -> bool:
-        """Answer one request; return False when the connection is done."""
+        """Respond to one request; return False when the connection is done."""
         try:
             head = await reader.readuntil(b"\r\n\r\n")
         except asyncio.IncompleteReadError:
@@ -276,7 +276,7 @@ async def _serve(port: int, log_path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Pod that answers with scripts.")
+    parser = argparse.ArgumentParser(description="Pod that responds with scripts.")
     parser.add_argument("--port", type=int, required=True, help="port on 127.0.0.1")
     parser.add_argument(
         "--log", type=Path, required=True, help="file that events are appended to"

@@ -747,7 +747,7 @@ async def test_chunked_body_beyond_limit_gets_413(proxy: Proxy, pod: RecordPod) 
     assert status == 413
     assert headers.get("Connection") == "close"
     assert json.loads(body)["error"] == "body_too_large"
-    # The proxy streamed the first part, so the pod sees an aborted body.
+    # The proxy streamed the first part, so the pod receives an aborted body.
     deadline = time.monotonic() + RAW_TIMEOUT_S
     events: list[str] = []
     while "incomplete" not in events and time.monotonic() < deadline:

@@ -421,7 +421,7 @@ async def test_ambiguous_pod_length_gives_502_and_new_connection(
 
 
 async def test_stream_chunk_flushed_on_arrival(proxy: ProxyProcess) -> None:
-    # The pod sends "event1", then holds the end of the stream for 8 s.
+    # The pod sends "event1", then delays the end of the stream by 8 s.
     reader, writer = await open_client(proxy)
     try:
         writer.write(request_head("/first-then-wait"))

@@ -5,7 +5,7 @@ Usage: ``python tests/ws_pod_app.py --port P``. Endpoints:
 - ``/ws``: accepts the subprotocol ``chat.v1``. It echoes text as
   ``echo:<text>`` and binary as is. On the text ``close-me`` it closes with
   code 4001 and reason ``bye``.
-- ``/ws-denied``: answers the upgrade with 401 and the body ``no ticket``.
+- ``/ws-denied``: responds to the upgrade with 401 and the body ``no ticket``.
 - any other path: 404 with the body ``no such endpoint``, or for a plain
   request ``GET /plain``, 200 with ``plain``.
 """

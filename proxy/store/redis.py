@@ -462,7 +462,7 @@ class RedisStore:
     ) -> redis.asyncio.ConnectionPool:
         """Return a pool of RESP2 connections to the primary, for invalidations.
 
-        Through Sentinel, each new connection asks the Sentinels for the
+        Through Sentinel, each new connection queries the Sentinels for the
         primary, so a reconnect after a failover reaches the promoted replica.
         Not for Redis Cluster, whose nodes track keys each on their own.
         """

@@ -27,6 +27,7 @@ import orjson
 from aiohttp import StreamReader, web
 from aiohttp.http import HttpVersion11
 
+from proxy.client_head import SentResponse, encode_client_head
 from proxy.errors import StatefulRouteError
 from proxy.inbound import (
     GuardedBody,
@@ -324,6 +325,18 @@ class Relay:
     ) -> web.StreamResponse:
         """Relay the pod's response head and body to the client."""
         whole = upstream.complete
+        # A pod that responded to an Expect request before its body leaves the
+        # client's body unsent, so the client connection cannot carry more.
+        unread_body = on_continue is not None and not upstream.request_sent
+        if (
+            whole
+            and upstream.content_length is not None
+            and not upstream.tunnel
+            and not unread_body
+        ):
+            sent = await self._send_whole(request, upstream, pod, ids)
+            if sent is not None:
+                return sent
         response = _CoalescedResponse() if whole else _RelayedResponse()
         response.set_status(upstream.status, upstream.reason)
         response.headers.extend(_relayed_headers(upstream.headers))
@@ -332,9 +345,6 @@ class Relay:
             response.headers[self._routed_pod_header] = str(pod.index)
         if upstream.tunnel:
             return await relay_tunnel(request, upstream, response, format_ids(ids))
-        # A pod that responded to an Expect request before its body leaves the
-        # client's body unsent, so the client connection cannot carry more.
-        unread_body = on_continue is not None and not upstream.request_sent
         if unread_body:
             response.force_close()
 
@@ -360,6 +370,43 @@ class Relay:
         await _client_write(response.write_eof(), ids)
         if unread_body:
             request.protocol.force_close()
+        return response
+
+    async def _send_whole(
+        self,
+        request: web.BaseRequest,
+        upstream: UpstreamResponse,
+        pod: Pod,
+        ids: dict[str, Any],
+    ) -> web.StreamResponse | None:
+        """Write a response that arrived whole in one write; None to fall back.
+
+        It falls back, before anything is written, for a head that
+        `encode_client_head` does not encode.
+        """
+        routed = self._routed_pod_header
+        extra = (routed, str(pod.index)) if routed else None
+        keep_alive = request.keep_alive
+        head = encode_client_head(
+            request,
+            upstream.status,
+            upstream.reason,
+            _relayed_headers(upstream.headers),
+            extra,
+            keep_alive,
+        )
+        if head is None:
+            return None
+        data = await upstream.read()
+        response = SentResponse(upstream.status, upstream.reason, keep_alive)
+        if extra is not None:
+            response.headers[extra[0]] = extra[1]
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            logger.debug("client went away before the response %s", format_ids(ids))
+            return response
+        transport.write(head + data if data else head)
+        await _client_write(request.writer.drain(), ids)
         return response
 
 

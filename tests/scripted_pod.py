@@ -77,6 +77,17 @@ SCRIPTS: dict[str, list[Step]] = {
         0.05,
         _OK_HEAD + b"Content-Length: 5\r\nX-Final: yes\r\n\r\nfinal",
     ],
+    "dated": [
+        b"HTTP/1.1 200 OK\r\nDate: Tue, 01 Dec 2026 10:00:00 GMT\r\n"
+        b"Content-Length: 2\r\n\r\nok"
+    ],
+    "routed-by-pod": [
+        b"HTTP/1.1 200 OK\r\nX-Routed-Pod: 99\r\nContent-Length: 2\r\n\r\nok"
+    ],
+    "raw-bytes": [b"HTTP/1.1 200 OK\r\nX-Raw: caf\xe9\r\nContent-Length: 2\r\n\r\nok"],
+    "no-content-length": [
+        b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\nX-Kept: 204\r\n\r\n"
+    ],
     "no-content": [b"HTTP/1.1 204 No Content\r\nX-Kept: 204\r\n\r\n"],
     "not-modified": [b'HTTP/1.1 304 Not Modified\r\nETag: "v1"\r\nX-Kept: 304\r\n\r\n'],
     "not-modified-length": [

@@ -263,6 +263,82 @@ async def test_http10_client_gets_no_chunked_coding(
     assert body == b"hello world"
 
 
+async def test_pod_date_kept_once(proxy: ProxyProcess) -> None:
+    response = await exchange(proxy, request_head("/dated"))
+
+    assert response.headers.getall("Date") == ["Tue, 01 Dec 2026 10:00:00 GMT"]
+    assert response.body == b"ok"
+
+
+async def test_pod_routed_header_replaced(proxy: ProxyProcess) -> None:
+    response = await exchange(proxy, request_head("/routed-by-pod"))
+
+    assert response.headers.getall("X-Routed-Pod") == ["0"]
+
+
+async def test_pod_header_bytes_kept_exactly(proxy: ProxyProcess) -> None:
+    reader, writer = await open_client(proxy)
+    try:
+        writer.write(request_head("/raw-bytes"))
+        await writer.drain()
+        async with asyncio.timeout(RAW_TIMEOUT_S):
+            head = await reader.readuntil(b"\r\n\r\n")
+    finally:
+        await close_client(writer)
+
+    assert b"\r\nX-Raw: caf\xe9\r\n" in head
+
+
+async def test_http10_keep_alive_client_reuses_connection(
+    proxy: ProxyProcess,
+) -> None:
+    keep_alive = "Connection: keep-alive\r\n"
+    reader, writer = await open_client(proxy)
+    try:
+        writer.write(request_head("/length", version="1.0", extra=keep_alive))
+        await writer.drain()
+        first = await read_framed(reader)
+        writer.write(request_head("/bare", version="1.0", extra=keep_alive))
+        await writer.drain()
+        second = await read_framed(reader)
+    finally:
+        await close_client(writer)
+
+    assert first.status_line == "HTTP/1.0 200 OK"
+    assert first.headers.getall("Connection") == ["keep-alive"]
+    assert first.body == b"hello"
+    assert second.body == b"ok"
+
+
+async def test_http10_client_without_keep_alive_closed(proxy: ProxyProcess) -> None:
+    reader, writer = await open_client(proxy)
+    try:
+        writer.write(request_head("/length", version="1.0"))
+        await writer.drain()
+        raw = await read_until_closed(reader)
+    finally:
+        await close_client(writer)
+
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200 OK\r\n")
+    assert b"\r\nconnection:" not in head.lower()
+    assert body == b"hello"
+
+
+async def test_connection_close_request_closed(proxy: ProxyProcess) -> None:
+    reader, writer = await open_client(proxy)
+    try:
+        writer.write(request_head("/length", extra="Connection: close\r\n"))
+        await writer.drain()
+        raw = await read_until_closed(reader)
+    finally:
+        await close_client(writer)
+
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert b"\r\nConnection: close" in head
+    assert body == b"hello"
+
+
 # Bodyless responses.
 
 
@@ -287,7 +363,8 @@ async def test_head_keeps_pod_content_length(
 
 
 @pytest.mark.parametrize(
-    ("script", "status"), [("no-content", 204), ("not-modified", 304)]
+    ("script", "status"),
+    [("no-content", 204), ("no-content-length", 204), ("not-modified", 304)],
 )
 async def test_no_content_and_not_modified_send_no_body(
     proxy: ProxyProcess, script: str, status: int
@@ -304,6 +381,8 @@ async def test_no_content_and_not_modified_send_no_body(
     assert bodyless.status == status
     assert bodyless.headers.get("X-Kept") == str(status)
     assert "Transfer-Encoding" not in bodyless.headers
+    if status == 204:
+        assert "Content-Length" not in bodyless.headers
     assert next_response.status_line == "HTTP/1.1 200 OK"
     assert next_response.body == b"hello"
 

@@ -18,6 +18,23 @@ from aiohttp import web
 from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import HttpVersion10, HttpVersion11
 
+from proxy.upstream_connection import UpstreamResponse
+
+# Hop-by-hop headers (RFC 9110, section 7.6.1) apply to one connection and
+# are never relayed. Headers named in Connection are dropped as well.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
 # Statuses whose responses carry no Content-Length to the client, as aiohttp
 # 3.14's `should_remove_content_length` decides for the statuses a pod can
 # send as final responses. A 304 keeps it (RFC 9110, section 8.6).
@@ -54,28 +71,29 @@ class SentResponse(web.StreamResponse):
 
 def encode_client_head(
     request: web.BaseRequest,
-    status: int,
-    reason: str,
-    headers: list[tuple[str, str]],
+    upstream: UpstreamResponse,
     extra: tuple[str, str] | None,
     keep_alive: bool,
 ) -> bytes | None:
     """Return the status line and headers for the client, or None to fall back.
 
-    `headers` are the pod's end-to-end headers in order, and `extra` is a
-    header that replaces every pod header of its name. Date is added when
+    The pod's headers keep their order, without the hop-by-hop ones and
+    those its Connection header names. `extra` is a header that replaces
+    every pod header of its name. Date is added when
     the pod sent none, as RFC 9110, section 6.6.1 requires of a recipient that
     forwards such a response. Connection follows the client's HTTP version
     and `keep_alive`. Returns None when a value contains CR, LF or NUL, so
     that aiohttp's writer rejects it as before.
     """
     version = request.version
-    lines = [f"HTTP/{version.major}.{version.minor} {status} {reason}"]
+    status = upstream.status
+    lines = [f"HTTP/{version.major}.{version.minor} {status} {upstream.reason}"]
     replaced = "" if extra is None else extra[0].lower()
+    named = upstream.connection_tokens
     has_date = False
-    for name, value in headers:
+    for name, value in upstream.headers:
         lowered = name.lower()
-        if lowered == replaced:
+        if lowered in HOP_BY_HOP or lowered in named or lowered == replaced:
             continue
         if lowered == "date":
             has_date = True

@@ -162,7 +162,9 @@ def check_request(request: web.BaseRequest, limits: Limits) -> None:
     if version not in SUPPORTED_VERSIONS:
         raise UnsupportedVersion(f"HTTP/{version.major}.{version.minor}")
     target = request.raw_path
-    if _TARGET_FORBIDDEN.search(target):
+    # An ASCII string without space, controls and DEL needs no search.
+    plain = target.isascii() and target.isprintable() and " " not in target
+    if not plain and _TARGET_FORBIDDEN.search(target):
         raise RequestRejected(
             400,
             "invalid_target",
@@ -188,10 +190,10 @@ def check_request(request: web.BaseRequest, limits: Limits) -> None:
         )
 
     headers = request.headers
-    if request.version >= (1, 1) and "Host" not in headers:
+    if version >= (1, 1) and "Host" not in headers:
         raise RequestRejected(400, "invalid_request", "missing Host header")
     codings = headers.getall("Transfer-Encoding", ())
-    if codings and request.version == HttpVersion10:
+    if codings and version == HttpVersion10:
         # RFC 9112, section 6.1: Transfer-Encoding in an HTTP/1.0 request
         # makes its framing faulty, so the connection must close after it.
         raise RequestRejected(
@@ -236,7 +238,12 @@ def request_line_rejection(head: bytes) -> RequestRejected | None:
     and the Python parser rejects it as a bad method, so the proxy checks
     the raw line itself for both.
     """
-    line = head.lstrip(b"\r\n").split(b"\n", 1)[0].removesuffix(b"\r")
+    if head[:1] in (b"\r", b"\n"):
+        head = head.lstrip(b"\r\n")
+    end = head.find(b"\n")
+    line = (head if end < 0 else head[:end]).removesuffix(b"\r")
+    if line.endswith((b" HTTP/1.1", b" HTTP/1.0")):
+        return None
     _, _, token = line.rpartition(b" ")
     match = _VERSION_TOKEN.fullmatch(token)
     if match is None:
@@ -251,13 +258,15 @@ def request_line_rejection(head: bytes) -> RequestRejected | None:
     return None
 
 
-def raw_head_problem(head: bytes) -> str | None:
-    """Return why a raw request head is rejected, or None.
+def raw_head_problem(head: bytes, end: int | None = None) -> str | None:
+    """Return why a raw request head, up to offset `end`, is rejected, or None.
 
     Only the Transfer-Encoding lines are checked here, because the Python
     parser hides their whitespace.
     """
-    for match in _TRANSFER_ENCODING_LINE.finditer(head):
+    for match in _TRANSFER_ENCODING_LINE.finditer(
+        head, 0, len(head) if end is None else end
+    ):
         if _CHUNKED_VALUE.fullmatch(match.group(1)) is None:
             return (
                 f"Transfer-Encoding {shown(match.group(1).strip())} is not "
@@ -446,8 +455,11 @@ class InboundRequestHandler(web_protocol.RequestHandler):
                 )
             return
 
-        head = bytes(self._head) + data
-        self._head.clear()
+        if self._head:
+            head = bytes(self._head) + data
+            self._head.clear()
+        else:
+            head = data
         self._cancel_head_timer()
         message, payload = self._messages[-1]
         if not isinstance(message, web_protocol._ErrInfo):
@@ -456,7 +468,7 @@ class InboundRequestHandler(web_protocol.RequestHandler):
         if rejection is not None:
             self._replace_messages(queued, rejection, payload)
             return
-        problem = raw_head_problem(head[: head.find(b"\r\n\r\n") + 2])
+        problem = raw_head_problem(head, head.find(b"\r\n\r\n") + 2)
         if problem is not None:
             # Replace what this data produced with one error. aiohttp responds
             # to it through handle_error and then closes the connection.

@@ -27,7 +27,7 @@ import orjson
 from aiohttp import StreamReader, web
 from aiohttp.http import HttpVersion11
 
-from proxy.client_head import SentResponse, encode_client_head
+from proxy.client_head import HOP_BY_HOP, SentResponse, encode_client_head
 from proxy.errors import StatefulRouteError
 from proxy.inbound import (
     GuardedBody,
@@ -54,21 +54,6 @@ logger = logging.getLogger("stateful_route.relay")
 # Maximum length of a client-supplied id in a log line.
 _ID_SHOWN_LENGTH = 128
 
-# Hop-by-hop headers (RFC 9110, section 7.6.1) apply to one connection and
-# are never relayed. Headers named in Connection are dropped as well.
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
 # No header names, for the common case of a Connection header naming none.
 _NOTHING: frozenset[str] = frozenset()
 # Client headers that the pod gets as `forwarded_headers` sets them.
@@ -339,7 +324,7 @@ class Relay:
                 return sent
         response = _CoalescedResponse() if whole else _RelayedResponse()
         response.set_status(upstream.status, upstream.reason)
-        response.headers.extend(_relayed_headers(upstream.headers))
+        response.headers.extend(_relayed_headers(upstream))
         response.keep_pod_headers()
         if self._routed_pod_header:
             response.headers[self._routed_pod_header] = str(pod.index)
@@ -387,14 +372,7 @@ class Relay:
         routed = self._routed_pod_header
         extra = (routed, str(pod.index)) if routed else None
         keep_alive = request.keep_alive
-        head = encode_client_head(
-            request,
-            upstream.status,
-            upstream.reason,
-            _relayed_headers(upstream.headers),
-            extra,
-            keep_alive,
-        )
+        head = encode_client_head(request, upstream, extra, keep_alive)
         if head is None:
             return None
         data = await upstream.read()
@@ -410,21 +388,13 @@ class Relay:
         return response
 
 
-def _relayed_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+def _relayed_headers(upstream: UpstreamResponse) -> list[tuple[str, str]]:
     """Return the pod's response headers without hop-by-hop ones, order kept."""
-    lowered = [name.lower() for name, _ in headers]
-    named: frozenset[str] | set[str] = _NOTHING
-    if "connection" in lowered:
-        named = {
-            token.strip().lower()
-            for (_, value), name in zip(headers, lowered, strict=True)
-            if name == "connection"
-            for token in value.split(",")
-        }
+    named = upstream.connection_tokens
     return [
         item
-        for item, name in zip(headers, lowered, strict=True)
-        if name not in HOP_BY_HOP and name not in named
+        for item in upstream.headers
+        if (lowered := item[0].lower()) not in HOP_BY_HOP and lowered not in named
     ]
 
 

@@ -33,6 +33,7 @@ _LOW_WATER = 64 * 1024
 _EXPECT_WAIT_S = 1.0
 # Statuses whose responses never have a body (RFC 9110, section 6.4.1).
 _BODYLESS_STATUSES = frozenset({204, 304})
+_NO_TOKENS: frozenset[str] = frozenset()
 
 
 class UpstreamFailure(StatefulRouteError):
@@ -97,6 +98,7 @@ class UpstreamResponse:
     __slots__ = (
         "_connection",
         "_released",
+        "connection_tokens",
         "content_length",
         "headers",
         "reason",
@@ -118,6 +120,9 @@ class UpstreamResponse:
         self.reason = reason
         self.headers = headers
         self.content_length = content_length
+        # The lowercased options of the pod's Connection headers, which name
+        # the headers that apply to the pod's connection only.
+        self.connection_tokens: frozenset[str] = _NO_TOKENS
         # False when the pod responded before the whole request body was sent.
         self.request_sent = False
 
@@ -192,6 +197,7 @@ class Connection(asyncio.Protocol):
         self._reason = ""
         self._content_lengths = 0
         self._transfer_encoding: str | None = None
+        self._connection_tokens: frozenset[str] = _NO_TOKENS
         self._keep_alive = False
         self._received = False
         self._chunks.clear()
@@ -508,6 +514,7 @@ class Connection(asyncio.Protocol):
         self._headers = []
         self._content_lengths = 0
         self._transfer_encoding = None
+        self._connection_tokens = _NO_TOKENS
 
     def on_status(self, status: bytes) -> None:
         self._reason = status.decode("latin-1")
@@ -519,6 +526,11 @@ class Connection(asyncio.Protocol):
             self._content_lengths += 1
         elif lowered == "transfer-encoding":
             self._transfer_encoding = value.decode("latin-1").strip().lower()
+        elif lowered == "connection":
+            tokens = value.decode("latin-1").lower().split(",")
+            self._connection_tokens = self._connection_tokens.union(
+                token.strip() for token in tokens
+            )
         self._headers.append((decoded, value.decode("utf-8", "surrogateescape")))
 
     def on_headers_complete(self) -> None:
@@ -529,6 +541,7 @@ class Connection(asyncio.Protocol):
             self.tunnel = True
             self._cancel_timer()
             response = UpstreamResponse(self, status, self._reason, self._headers, None)
+            response.connection_tokens = self._connection_tokens
             self._response = response
             waiter = self._head_waiter
             if waiter is not None and not waiter.done():
@@ -560,6 +573,7 @@ class Connection(asyncio.Protocol):
         response = UpstreamResponse(
             self, status, self._reason, self._headers, content_length
         )
+        response.connection_tokens = self._connection_tokens
         self._response = response
         waiter = self._head_waiter
         if waiter is not None and not waiter.done():

@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.config import parse_config
 from proxy.demo import start_demo_pods
+from proxy.metrics import RequestCollector
 from proxy.server import ProxyServer
 
 POD_COUNT = 2
@@ -243,3 +244,51 @@ async def test_upstream_refused_counted_by_kind(
         )
         == 1
     )
+
+
+def collected(collector: RequestCollector) -> Samples:
+    samples: Samples = {}
+    for family in collector.collect():
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def test_request_collector_buckets_by_le() -> None:
+    collector = RequestCollector()
+    collector.observe("game", 0, 2, 0.005)
+    collector.observe("game", 0, 2, 0.0051)
+    collector.observe("game", None, 4, 60.0)
+
+    samples = collected(collector)
+    bucket = "stateful_route_request_duration_seconds_bucket"
+    assert samples[(bucket, frozenset({("service", "game"), ("le", "0.0025")}))] == 0
+    assert samples[(bucket, frozenset({("service", "game"), ("le", "0.005")}))] == 1
+    assert samples[(bucket, frozenset({("service", "game"), ("le", "0.01")}))] == 2
+    assert samples[(bucket, frozenset({("service", "game"), ("le", "30.0")}))] == 2
+    assert samples[(bucket, frozenset({("service", "game"), ("le", "+Inf")}))] == 3
+    count = "stateful_route_request_duration_seconds_count"
+    assert samples[(count, frozenset({("service", "game")}))] == 3
+    total = "stateful_route_request_duration_seconds_sum"
+    assert samples[(total, frozenset({("service", "game")}))] == pytest.approx(60.0101)
+    requests = "stateful_route_requests_total"
+    ok = frozenset({("service", "game"), ("pod", "0"), ("status_class", "2xx")})
+    assert samples[(requests, ok)] == 2
+    rejected = frozenset({("service", "game"), ("pod", ""), ("status_class", "4xx")})
+    assert samples[(requests, rejected)] == 1
+
+
+def test_request_collector_forgets_series() -> None:
+    collector = RequestCollector()
+    collector.observe("game", 0, 2, 0.001)
+    collector.observe("game", 1, 2, 0.001)
+    collector.observe("chat", 0, 2, 0.001)
+
+    collector.forget_pods("game", [0])
+    names = {(name, dict(labels).get("pod")) for name, labels in collected(collector)}
+    assert ("stateful_route_requests_total", "1") not in names
+    assert ("stateful_route_requests_total", "0") in names
+
+    collector.forget_service("game")
+    services = {dict(labels).get("service") for _, labels in collected(collector)}
+    assert services == {"chat"}

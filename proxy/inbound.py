@@ -264,9 +264,13 @@ def raw_head_problem(head: bytes, end: int | None = None) -> str | None:
     Only the Transfer-Encoding lines are checked here, because the Python
     parser hides their whitespace.
     """
-    for match in _TRANSFER_ENCODING_LINE.finditer(
-        head, 0, len(head) if end is None else end
-    ):
+    if end is None:
+        end = len(head)
+    # The search of the lowercased head is cheaper than the regular
+    # expression, and most heads have no Transfer-Encoding.
+    if b"transfer-encoding" not in head[:end].lower():
+        return None
+    for match in _TRANSFER_ENCODING_LINE.finditer(head, 0, end):
         if _CHUNKED_VALUE.fullmatch(match.group(1)) is None:
             return (
                 f"Transfer-Encoding {shown(match.group(1).strip())} is not "

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 
 from aiohttp import StreamReader
 
@@ -91,7 +91,7 @@ class UpstreamPool:
         address: tuple[str, int],
         method: str,
         target: str,
-        headers: Iterable[tuple[str, str]],
+        headers: Sequence[tuple[str, str]],
         body: UpstreamBody,
         *,
         content_length: int | None,
@@ -117,17 +117,17 @@ class UpstreamPool:
         """
         if isinstance(body, bytes) and content_length is None:
             content_length = len(body)
-        framed_headers = list(headers)
+        framing: list[tuple[str, str]] = []
         if body is not None:
             if content_length is None:
-                framed_headers.append(("Transfer-Encoding", "chunked"))
+                framing.append(("Transfer-Encoding", "chunked"))
             elif not any(name.lower() == "content-length" for name, _ in headers):
-                framed_headers.append(("Content-Length", str(content_length)))
+                framing.append(("Content-Length", str(content_length)))
         if on_continue is not None and body is not None:
-            framed_headers.append(("Expect", "100-continue"))
+            framing.append(("Expect", "100-continue"))
         else:
             on_continue = None
-        head = encode_head(method, target, framed_headers)
+        head = encode_head(method, target, [*headers, *framing] if framing else headers)
 
         pool = self._pools.get(address)
         if pool is None:

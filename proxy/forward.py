@@ -396,7 +396,11 @@ class Forwarder:
         # NOTE: a body that breaks off after the status line was sent counts
         # with the pod's status, because the relay returns that response.
         stats.finish(stat, time.monotonic() - started, relayed.status)
-        service.health.record(pod, relayed.status < 500, f"status {relayed.status}")
+        status = relayed.status
+        if status < 500:
+            service.health.record(pod, True, "")
+        else:
+            service.health.record(pod, False, f"status {status}")
         return relayed
 
     def retry_counters(self) -> dict[str, dict[str, int]]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # A host name of DNS labels; letters may be uppercase, as resolvers accept them.
 _HOSTNAME_RE = re.compile(
@@ -54,6 +54,15 @@ class Pod:
 
     index: int
     address: Address
+    # Pods key the stats, health and pod-state tables, which several lookups
+    # of every request read, so the hash is computed once.
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.index, self.address)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     def __str__(self) -> str:
         return f"pod {self.index} ({self.address})"

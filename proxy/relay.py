@@ -18,8 +18,9 @@ chunk is written to the client as soon as it arrives from the pod.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Coroutine, Iterable, Mapping
 from typing import Any
 
 import aiohttp
@@ -209,7 +210,7 @@ class Relay:
                 return closing_error(failure.status, failure.code, failure.message)
             return self.error_response(exc, ids)
 
-    async def send(
+    def send(
         self,
         request: web.BaseRequest,
         pod: Pod,
@@ -217,17 +218,16 @@ class Relay:
         ids: dict[str, Any],
         headers: list[tuple[str, str]],
         body: RequestBody,
-    ) -> web.StreamResponse:
+    ) -> Coroutine[Any, Any, web.StreamResponse]:
         """Send one attempt of `request` to `pod` and stream the response back.
 
         Raises `UpstreamError` when the attempt fails before any response
         byte reached the client, so the caller can retry it or respond with
         `error_response`. A failure after that aborts the client connection
-        and returns the response. The request is sent once.
+        and returns the response. The request is sent once. It returns the
+        coroutine of `_exchange` itself, which saves a coroutine per request.
         """
-        return await self._exchange(
-            request, pod, client_timeout, ids, headers, body.data()
-        )
+        return self._exchange(request, pod, client_timeout, ids, headers, body.data())
 
     def error_response(self, error: UpstreamError, ids: dict[str, Any]) -> web.Response:
         """Log a failed attempt and return its JSON error, 504 on a timeout."""
@@ -440,12 +440,12 @@ def pod_request_headers(
             for value in source.getall("Connection")
             for token in value.split(",")
         }
-    removed = {name.lower() for name in removed_headers}
+    dropped = _dropped_names(tuple(removed_headers))
     headers: list[tuple[str, str]] = []
     forwarded: list[tuple[str, str]] = []
     for name, value in source.items():
         lowered = name.lower()
-        if _is_dropped(lowered, named, removed):
+        if lowered in dropped or lowered in named:
             continue
         if lowered in _FORWARDED:
             forwarded.append((lowered, value))
@@ -458,22 +458,23 @@ def pod_request_headers(
     if extra_headers:
         headers.extend(extra_headers.items())
     for name in kept_headers:
-        if _is_dropped(name.lower(), named, removed):
+        lowered = name.lower()
+        if lowered in dropped or lowered in named:
             kept = source.get(name)
             if kept is not None:
                 headers.append((name, kept))
     return headers
 
 
-def _is_dropped(
-    lowered: str, named: frozenset[str] | set[str], removed: set[str]
-) -> bool:
-    return (
-        lowered in HOP_BY_HOP
-        or lowered in named
-        or lowered in removed
-        or lowered == "expect"
-    )
+@functools.lru_cache(maxsize=32)
+def _dropped_names(removed_headers: tuple[str, ...]) -> frozenset[str]:
+    """Return the lowercased client headers the pod never gets.
+
+    They are the hop-by-hop ones, Expect (the relay sets it itself when it
+    forwards 100-continue) and `removed_headers`. The callers pass a few
+    fixed tuples, each computed once.
+    """
+    return HOP_BY_HOP | {"expect"} | {name.lower() for name in removed_headers}
 
 
 def forwarded_headers(

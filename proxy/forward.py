@@ -175,10 +175,17 @@ class Forwarder:
             pod_set = self._states.get(namespace, service.name)
             if pod_set is None:
                 pod_set = await self._states.load(namespace, service.name)
+            router = self._router
             if uid is None:
-                route = self._router.pick_unlinked(service, pod_set)
+                route = router.pick_unlinked(service, pod_set)
             else:
-                route = await self._router.route(namespace, service, pod_set, uid)
+                cached = router.route_cached(namespace, service, pod_set, uid)
+                if cached is None:
+                    route = await router.route_from_store(
+                        namespace, service, pod_set, uid
+                    )
+                else:
+                    route = cached
         except RequestError as exc:
             logger.info(
                 "rejected %s %s with %d: %s%s",
@@ -229,18 +236,21 @@ class Forwarder:
 
         ids["pod"] = route.pod.index
         settings = service.settings
-        rejected = await answer_expect(request)
+        rejected = answer_expect(request)
         if rejected is not None:
             logger.info("rejected an Expect header with 417 %s", format_ids(ids))
             return rejected
         guard = GuardedBody(request.content, self._limits)
         try:
-            body = await read_body(
-                request,
-                settings.retry_buffer_bytes,
-                settings.retry_attempts > 0,
-                guard,
-            )
+            if request.body_exists:
+                body = await read_body(
+                    request,
+                    settings.retry_buffer_bytes,
+                    settings.retry_attempts > 0,
+                    guard,
+                )
+            else:
+                body = RequestBody()
         except RequestRejected as exc:
             return _body_rejected(request, exc, ids)
         except (

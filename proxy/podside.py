@@ -199,7 +199,7 @@ class PodAgent:
         assert self._relay is not None, "start_relay() first"
         ids = {"pod": self.settings.index, "app": str(self.app.address)}
         started = time.monotonic()
-        rejected = await answer_expect(request)
+        rejected = answer_expect(request)
         if rejected is not None:
             return rejected
         self.in_flight.enter()

@@ -319,8 +319,10 @@ class Relay:
             and not upstream.tunnel
             and not unread_body
         ):
-            sent = await self._send_whole(request, upstream, pod, ids)
+            sent = self._write_whole(request, upstream, pod, ids)
             if sent is not None:
+                if request.protocol.writing_paused:
+                    await _client_write(request.writer.drain(), ids)
                 return sent
         response = _CoalescedResponse() if whole else _RelayedResponse()
         response.set_status(upstream.status, upstream.reason)
@@ -357,7 +359,7 @@ class Relay:
             request.protocol.force_close()
         return response
 
-    async def _send_whole(
+    def _write_whole(
         self,
         request: web.BaseRequest,
         upstream: UpstreamResponse,
@@ -367,7 +369,8 @@ class Relay:
         """Write a response that arrived whole in one write; None to fall back.
 
         It falls back, before anything is written, for a head that
-        `encode_client_head` does not encode.
+        `encode_client_head` does not encode. The caller waits for the
+        client's buffer to drain.
         """
         routed = self._routed_pod_header
         extra = (routed, str(pod.index)) if routed else None
@@ -375,7 +378,7 @@ class Relay:
         head = encode_client_head(request, upstream, extra, keep_alive)
         if head is None:
             return None
-        data = await upstream.read()
+        data = upstream.read_complete()
         response = SentResponse(upstream.status, upstream.reason, keep_alive)
         if extra is not None:
             response.headers[extra[0]] = extra[1]
@@ -384,7 +387,6 @@ class Relay:
             logger.debug("client went away before the response %s", format_ids(ids))
             return response
         transport.write(head + data if data else head)
-        await _client_write(request.writer.drain(), ids)
         return response
 
 
@@ -517,7 +519,7 @@ def forwarded_headers(
             headers.append(("X-Forwarded-Host", host))
 
 
-async def answer_expect(request: web.BaseRequest) -> web.Response | None:
+def answer_expect(request: web.BaseRequest) -> web.Response | None:
     """Return a 417 response for an expectation other than 100-continue, else None.
 
     ``Expect: 100-continue`` is forwarded to the pod by the relay, which

@@ -176,6 +176,20 @@ class Router:
         hash without a link. Raises `NoPodError` when a new link or
         placement is needed and no pod is routable.
         """
+        route = self.route_cached(namespace, service, pod_set, uid)
+        if route is not None:
+            return route
+        return await self.route_from_store(namespace, service, pod_set, uid)
+
+    def route_cached(
+        self, namespace: str, service: Service, pod_set: PodSet, uid: str
+    ) -> Route | None:
+        """Return the route of `uid` from the local cache, or None on a miss.
+
+        It is the first step of `route`, which needs no await. After None,
+        the caller continues with `route_from_store`. A cached pod that may
+        no longer keep its users is dropped from the cache.
+        """
         key = (namespace, service.name, uid)
         view = self.health_view(namespace, service, pod_set)
         if view.panic:
@@ -186,7 +200,13 @@ class Router:
             if status is not None and self._keeps(service, view, status):
                 return Route(status.pod, Origin.CACHE)
             self.cache.drop(key)
+        return None
 
+    async def route_from_store(
+        self, namespace: str, service: Service, pod_set: PodSet, uid: str
+    ) -> Route:
+        """Return the linked pod of `uid` from the store, after `route_cached`."""
+        key = (namespace, service.name, uid)
         try:
             route = await self._route_in_store(key, service, pod_set)
         except StoreUnavailableError:

@@ -132,7 +132,9 @@ class UpstreamPool:
         pool = self._pools.get(address)
         if pool is None:
             pool = self._pools[address] = _PodPool(address, self._limit)
-        connection = await self._acquire(pool, connect_timeout_s, read_timeout_s)
+        connection = _take_idle(pool)
+        if connection is None:
+            connection = await self._acquire(pool, connect_timeout_s, read_timeout_s)
         try:
             return await connection.exchange(
                 head,
@@ -181,12 +183,9 @@ class UpstreamPool:
         came free, or when a new connection fails or times out.
         """
         while True:
-            idle = pool.idle
-            while idle:
-                connection = idle.pop()
-                if connection.usable:
-                    connection.reused = True
-                    return connection
+            idle_connection = _take_idle(pool)
+            if idle_connection is not None:
+                return idle_connection
             if pool.open < pool.limit:
                 break
             waiter = asyncio.get_running_loop().create_future()
@@ -282,6 +281,17 @@ class UpstreamPool:
             any_open = any_open or pool.open > 0
         if any_open:
             self._schedule_sweep()
+
+
+def _take_idle(pool: _PodPool) -> Connection | None:
+    """Return the newest usable idle connection of `pool`, closing none."""
+    idle = pool.idle
+    while idle:
+        connection = idle.pop()
+        if connection.usable:
+            connection.reused = True
+            return connection
+    return None
 
 
 def encode_head(method: str, target: str, headers: Iterable[tuple[str, str]]) -> bytes:

@@ -140,6 +140,12 @@ class UpstreamResponse:
         """
         return await self._connection.read_body()
 
+    def read_complete(self) -> bytes:
+        """Return the whole body of a `complete` response without waiting."""
+        if not self._connection.message_complete:
+            raise RuntimeError("read_complete() needs a complete response")
+        return self._connection.take_body()
+
     @property
     def tunnel(self) -> bool:
         """Whether the pod switched protocols (101), so the body is raw bytes."""
@@ -244,7 +250,14 @@ class Connection(asyncio.Protocol):
         self._read_timeout_s = read_timeout_s
         head_waiter = self._head_waiter = self._loop.create_future()
         try:
-            return await self._send(head, body, chunked, on_continue, head_waiter)
+            self._write_request(head, body, chunked, on_continue is not None)
+            if on_continue is not None:
+                await self._await_continue(head_waiter, on_continue, body, chunked)
+            elif isinstance(body, bytes):
+                await self._drain()
+            self._start_timer()
+            await head_waiter
+            return self._head_result(head_waiter)
         except BaseException:
             # No caller awaits the head now, so a later failure must not
             # leave an exception that is never retrieved.
@@ -252,32 +265,19 @@ class Connection(asyncio.Protocol):
                 head_waiter.cancel()
             raise
 
-    async def _send(
-        self,
-        head: bytes,
-        body: UpstreamBody,
-        chunked: bool,
-        on_continue: Callable[[], Awaitable[None]] | None,
-        head_waiter: asyncio.Future[UpstreamResponse],
-    ) -> UpstreamResponse:
+    def _write_request(
+        self, head: bytes, body: UpstreamBody, chunked: bool, expect: bool
+    ) -> None:
+        """Write the head and a bytes body, or start the sender of a streamed one.
+
+        With `expect`, only the head is written, and the body waits for the
+        pod's 100 Continue in `_await_continue`.
+        """
         transport = self._transport
         assert transport is not None
-        if on_continue is not None:
-            continued = self._continue_waiter = self._loop.create_future()
+        if expect:
+            self._continue_waiter = self._loop.create_future()
             transport.write(head)
-            self._start_timer()
-            await asyncio.wait(
-                (head_waiter, continued),
-                timeout=_EXPECT_WAIT_S,
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-            if head_waiter.done():
-                # The pod sent a final response before the body, so the body
-                # is never sent and the connection cannot carry another one.
-                self._broken = True
-                return self._head_result(head_waiter)
-            await on_continue()
-            self._sender = self._loop.create_task(self._send_body(body, chunked))
         elif body is None:
             transport.write(head)
             self._request_sent = True
@@ -286,14 +286,37 @@ class Connection(asyncio.Protocol):
             if len(body) >= 65536:
                 transport.write(body)
             self._request_sent = True
-            await self._drain()
         else:
             transport.write(head)
             self._sender = self._loop.create_task(self._send_body(body, chunked))
-        self._start_timer()
 
-        await head_waiter
-        return self._head_result(head_waiter)
+    async def _await_continue(
+        self,
+        head_waiter: asyncio.Future[UpstreamResponse],
+        on_continue: Callable[[], Awaitable[None]],
+        body: UpstreamBody,
+        chunked: bool,
+    ) -> None:
+        """Wait for the pod's 100 Continue or final response, then send the body.
+
+        A final response that comes first ends the wait, and the body is
+        never sent.
+        """
+        continued = self._continue_waiter
+        assert continued is not None
+        self._start_timer()
+        await asyncio.wait(
+            (head_waiter, continued),
+            timeout=_EXPECT_WAIT_S,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        if head_waiter.done():
+            # The pod sent a final response before the body, so the body is
+            # never sent and the connection cannot carry another one.
+            self._broken = True
+            return
+        await on_continue()
+        self._sender = self._loop.create_task(self._send_body(body, chunked))
 
     def _head_result(
         self, waiter: asyncio.Future[UpstreamResponse]
@@ -356,11 +379,18 @@ class Connection(asyncio.Protocol):
                 await waiter
             finally:
                 self._body_waiter = None
-        if len(self._chunks) == 1:
-            data = self._chunks.popleft()
+        return self.take_body()
+
+    def take_body(self) -> bytes:
+        """Return the body bytes buffered so far without waiting; b"" for none."""
+        chunks = self._chunks
+        if not chunks:
+            return b""
+        if len(chunks) == 1:
+            data = chunks.popleft()
         else:
-            data = b"".join(self._chunks)
-            self._chunks.clear()
+            data = b"".join(chunks)
+            chunks.clear()
         self._buffered = 0
         if self._reading_paused and self._transport is not None:
             self._reading_paused = False

@@ -1,17 +1,20 @@
 """Memory of one proxy process holding many idle keep-alive client connections.
 
-Starts one pod (``benchmarks/pod.py``) and ``stateful-route run`` with the
-memory store on loopback. It sends a request on each of ``--connections``
+Starts one pod (``benchmarks/pod.py``) and ``stateful-route run`` on
+loopback, with the memory store or, with ``--store redis``, the Redis store
+of a redis-server that the script starts on a free loopback port (Redis
+persistence off). It sends a request on each of ``--connections``
 new keep-alive connections (10,000 by default) and leaves them open and
 idle. Then it reports the proxy's resident memory (VmRSS of
 ``/proc/<pid>/status``) before and after, and per connection. The idle
-connections stay open for the measurement, well within the keep-alive
-timeout of aiohttp's server (3,630 s in aiohttp 3.14).
+connections stay open for the measurement, well within the proxy's
+keep-alive timeout (``proxy.keepalive_timeout_s``, 75 s by default).
 
 It raises its own RLIMIT_NOFILE, which the proxy inherits, to the
 connections plus `FD_HEADROOM`, bounded by the hard limit.
 
     python benchmarks/idle_connections.py --connections 10000
+    python benchmarks/idle_connections.py --connections 10000 --store redis
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import resource
+import shutil
 import socket
 import subprocess
 import sys
@@ -77,7 +81,21 @@ def wait_listening(port: int, process: subprocess.Popen[bytes], name: str) -> No
             time.sleep(0.05)
 
 
-def write_config(directory: Path, port: int, pod_port: int) -> Path:
+def start_redis(directory: Path, port: int) -> subprocess.Popen[bytes]:
+    """Start a redis-server on `port` of loopback, without persistence."""
+    executable = shutil.which("redis-server")
+    if executable is None:
+        raise SystemExit("redis-server not found: install the redis-server package")
+    command = [executable, "--bind", HOST, "--port", str(port), "--save", ""]
+    command += ["--appendonly", "no", "--dir", str(directory)]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL)
+
+
+def write_config(directory: Path, port: int, pod_port: int, redis_url: str) -> Path:
+    """Write the proxy's config, with the Redis store when `redis_url` is set."""
+    store = 'backend = "memory"'
+    if redis_url:
+        store = f'backend = "redis"\nredis_url = "{redis_url}"'
     path = directory / "proxy.toml"
     path.write_text(
         f"""[proxy]
@@ -87,6 +105,9 @@ default_service = "bench"
 
 [admin]
 enabled = false
+
+[store]
+{store}
 
 [log]
 level = "warning"
@@ -144,6 +165,13 @@ def main() -> int:
         default=10_000,
         help=f"idle connections to open, 1 to {MAX_CONNECTIONS} (default: %(default)s)",
     )
+    parser.add_argument(
+        "--store",
+        choices=("memory", "redis"),
+        default="memory",
+        help="link store of the proxy; redis starts its own redis-server "
+        "(default: %(default)s)",
+    )
     arguments = parser.parse_args()
     count = arguments.connections
     if not 1 <= count <= MAX_CONNECTIONS:
@@ -162,7 +190,14 @@ def main() -> int:
             )
             started.append(pod)
             wait_listening(pod_port, pod, "pod")
-            config = write_config(directory, port, pod_port)
+            redis_url = ""
+            if arguments.store == "redis":
+                redis_port = free_port()
+                redis = start_redis(directory, redis_port)
+                started.append(redis)
+                wait_listening(redis_port, redis, "redis-server")
+                redis_url = f"redis://{HOST}:{redis_port}/0"
+            config = write_config(directory, port, pod_port, redis_url)
             proxy = subprocess.Popen(
                 [sys.executable, "-m", "proxy", "run", "--config", str(config)],
                 cwd=ROOT,
@@ -171,13 +206,13 @@ def main() -> int:
             wait_listening(port, proxy, "proxy")
             before, after = asyncio.run(measure(proxy.pid, port, count))
         finally:
-            for process in started:
+            # The proxy stops before its store, so it does not log an outage.
+            for process in reversed(started):
                 process.terminate()
-            for process in started:
                 process.wait(10)
 
     per_connection_kb = (after - before) * 1024 / count
-    print(f"idle keep-alive connections: {count:,}")
+    print(f"idle keep-alive connections: {count:,} ({arguments.store} store)")
     print(f"proxy RSS before: {before:.1f} MiB")
     print(f"proxy RSS after:  {after:.1f} MiB")
     print(f"per connection:   {per_connection_kb:.1f} KiB")

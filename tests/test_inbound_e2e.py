@@ -1024,3 +1024,128 @@ async def test_sidecar_stalled_body_gets_408(sidecar: Proxy) -> None:
     assert status == 408
     assert headers.get("Connection") == "close"
     assert json.loads(body)["error"] == "body_timeout"
+
+
+# Keep-alive.
+
+# Long enough that a loaded machine responds to a request well within it.
+KEEPALIVE_TIMEOUT_S = 2.0
+# The gap between requests of a client that keeps its connection busy.
+REQUEST_GAP_S = KEEPALIVE_TIMEOUT_S / 4
+
+
+async def test_idle_connection_closed_after_keepalive(launch: Any) -> None:
+    proxy = launch(keepalive_timeout_s=KEEPALIVE_TIMEOUT_S)
+    reader, writer = await asyncio.open_connection(LOOPBACK, proxy.port)
+    try:
+        writer.write(head("keepalive-idle", "/keepalive-idle"))
+        await writer.drain()
+        async with asyncio.timeout(RAW_TIMEOUT_S):
+            status, _, body = await read_response(reader)
+        closed = await is_closed(reader)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+    assert status == 200
+    assert json.loads(body)["target"] == "/keepalive-idle"
+    assert closed
+
+
+async def test_silent_connection_closed_after_keepalive(launch: Any) -> None:
+    proxy = launch(keepalive_timeout_s=KEEPALIVE_TIMEOUT_S)
+    reader, writer = await asyncio.open_connection(LOOPBACK, proxy.port)
+    try:
+        closed = await is_closed(reader)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+    assert closed
+
+
+async def test_requests_renew_keepalive(launch: Any) -> None:
+    proxy = launch(keepalive_timeout_s=KEEPALIVE_TIMEOUT_S)
+    count = 8
+    targets = []
+    reader, writer = await asyncio.open_connection(LOOPBACK, proxy.port)
+    try:
+        # The requests span twice the keep-alive timeout, so only renewed
+        # deadlines keep the connection open.
+        for number in range(count):
+            writer.write(head("keepalive-renew", f"/keepalive-renew-{number}"))
+            await writer.drain()
+            async with asyncio.timeout(RAW_TIMEOUT_S):
+                status, _, body = await read_response(reader)
+            assert status == 200
+            targets.append(json.loads(body)["target"])
+            await asyncio.sleep(REQUEST_GAP_S)
+        closed = await is_closed(reader)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+    assert targets == [f"/keepalive-renew-{number}" for number in range(count)]
+    assert closed
+
+
+async def test_request_in_progress_outlives_keepalive(
+    launch: Any, pod: RecordPod
+) -> None:
+    proxy = launch(
+        keepalive_timeout_s=KEEPALIVE_TIMEOUT_S,
+        body_timeout_s=KEEPALIVE_TIMEOUT_S,
+    )
+    body = b"x" * 8
+    mark = pod.mark()
+    reader, writer = await asyncio.open_connection(LOOPBACK, proxy.port)
+    try:
+        # The body arrives over twice the keep-alive timeout, and no gap
+        # reaches the body timeout.
+        writer.write(
+            head("keepalive-busy", "/keepalive-busy", "Content-Length: 8\r\n", "POST")
+        )
+        for byte in range(len(body)):
+            await asyncio.sleep(REQUEST_GAP_S)
+            writer.write(body[byte : byte + 1])
+            await writer.drain()
+        async with asyncio.timeout(RAW_TIMEOUT_S):
+            status, _, response_body = await read_response(reader)
+        # A second request shows that the connection stayed open.
+        writer.write(head("keepalive-busy", "/keepalive-after-busy"))
+        await writer.drain()
+        async with asyncio.timeout(RAW_TIMEOUT_S):
+            second_status, _, second_body = await read_response(reader)
+        closed = await is_closed(reader)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+    assert status == 200
+    assert json.loads(response_body)["length"] == len(body)
+    assert second_status == 200
+    assert json.loads(second_body)["target"] == "/keepalive-after-busy"
+    assert closed
+    assert len(reaching(pod, mark, "keepalive-busy")) == 2
+
+
+@pytest.mark.parametrize("count", [3, 40], ids=["few", "beyond-queue"])
+async def test_pipelined_requests_answered_in_order(proxy: Proxy, count: int) -> None:
+    # aiohttp 3.14.5 queues at most 32 parsed requests per connection and
+    # pauses reading beyond that.
+    targets = [f"/pipelined-{count}-{number}" for number in range(count)]
+    reader, writer = await asyncio.open_connection(LOOPBACK, proxy.port)
+    try:
+        writer.write(b"".join(head("pipeliner", target) for target in targets))
+        await writer.drain()
+        answered = []
+        async with asyncio.timeout(RAW_TIMEOUT_S):
+            for _ in targets:
+                status, _, body = await read_response(reader)
+                assert status == 200
+                answered.append(json.loads(body)["target"])
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+    assert answered == targets

@@ -290,6 +290,24 @@ class Relay:
             # and returns its 408 or 413.
             raise UpstreamError(pod, exc.stage, exc.cause) from exc.cause
 
+        if (
+            upstream.complete
+            and upstream.content_length is not None
+            and not upstream.tunnel
+            and (on_continue is None or upstream.request_sent)
+        ):
+            # The common case, without the coroutine of `_stream`.
+            try:
+                sent = self._write_whole(request, upstream, pod, ids)
+            except BaseException:
+                upstream.release()
+                raise
+            if sent is not None:
+                # The body was taken whole, so the pod connection is free.
+                upstream.release()
+                if request.protocol.writing_paused:
+                    await _client_write(request.writer.drain(), ids)
+                return sent
         try:
             return await self._stream(request, upstream, pod, ids, on_continue)
         except asyncio.CancelledError:
@@ -313,17 +331,6 @@ class Relay:
         # A pod that responded to an Expect request before its body leaves the
         # client's body unsent, so the client connection cannot carry more.
         unread_body = on_continue is not None and not upstream.request_sent
-        if (
-            whole
-            and upstream.content_length is not None
-            and not upstream.tunnel
-            and not unread_body
-        ):
-            sent = self._write_whole(request, upstream, pod, ids)
-            if sent is not None:
-                if request.protocol.writing_paused:
-                    await _client_write(request.writer.drain(), ids)
-                return sent
         response = _CoalescedResponse() if whole else _RelayedResponse()
         response.set_status(upstream.status, upstream.reason)
         response.headers.extend(_relayed_headers(upstream))

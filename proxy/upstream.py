@@ -18,7 +18,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Sequence,
+)
+from typing import Any
 
 from aiohttp import StreamReader
 
@@ -86,7 +94,7 @@ class UpstreamPool:
         self._sweeper: asyncio.TimerHandle | None = None
         self._closed = False
 
-    async def request(
+    def request(
         self,
         address: tuple[str, int],
         method: str,
@@ -99,7 +107,7 @@ class UpstreamPool:
         read_timeout_s: float | None,
         on_continue: Callable[[], Awaitable[None]] | None = None,
         upgrade: bool = False,
-    ) -> UpstreamResponse:
+    ) -> Coroutine[Any, Any, UpstreamResponse]:
         """Send one request to the pod at `address` and return its final response.
 
         `headers` are written as given, and must not contain Content-Length
@@ -113,7 +121,10 @@ class UpstreamPool:
         `UpstreamResponse.tunnel`), and `headers` must carry the Upgrade and
         Connection headers. Raises `InvalidRequestError` for a target or
         header that cannot be written, and `UpstreamFailure` for anything
-        else.
+        else. The caller awaits the returned coroutine at once: it is the
+        exchange itself when an idle connection is at hand, which saves a
+        coroutine per request, and `InvalidRequestError` is raised by the
+        call.
         """
         if isinstance(body, bytes) and content_length is None:
             content_length = len(body)
@@ -132,22 +143,54 @@ class UpstreamPool:
         pool = self._pools.get(address)
         if pool is None:
             pool = self._pools[address] = _PodPool(address, self._limit)
+        chunked = body is not None and content_length is None
+        head_only = method == "HEAD"
         connection = _take_idle(pool)
         if connection is None:
-            connection = await self._acquire(pool, connect_timeout_s, read_timeout_s)
-        try:
-            return await connection.exchange(
+            return self._exchange_on_acquired(
+                pool,
+                connect_timeout_s,
                 head,
                 body,
-                chunked=body is not None and content_length is None,
-                head_only=method == "HEAD",
-                upgrade=upgrade,
-                read_timeout_s=read_timeout_s,
-                on_continue=on_continue,
+                chunked,
+                head_only,
+                upgrade,
+                read_timeout_s,
+                on_continue,
             )
-        except BaseException:
-            connection.close()
-            raise
+        return connection.exchange(
+            head,
+            body,
+            chunked=chunked,
+            head_only=head_only,
+            upgrade=upgrade,
+            read_timeout_s=read_timeout_s,
+            on_continue=on_continue,
+        )
+
+    async def _exchange_on_acquired(
+        self,
+        pool: _PodPool,
+        connect_timeout_s: float | None,
+        head: bytes,
+        body: UpstreamBody,
+        chunked: bool,
+        head_only: bool,
+        upgrade: bool,
+        read_timeout_s: float | None,
+        on_continue: Callable[[], Awaitable[None]] | None,
+    ) -> UpstreamResponse:
+        """Wait for a connection of `pool` or open one, then run the exchange."""
+        connection = await self._acquire(pool, connect_timeout_s, read_timeout_s)
+        return await connection.exchange(
+            head,
+            body,
+            chunked=chunked,
+            head_only=head_only,
+            upgrade=upgrade,
+            read_timeout_s=read_timeout_s,
+            on_continue=on_continue,
+        )
 
     def idle_connections(self, address: tuple[str, int]) -> int:
         """Return the number of idle pooled connections to the pod at `address`."""

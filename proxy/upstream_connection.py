@@ -241,9 +241,12 @@ class Connection(asyncio.Protocol):
         """Send one request and return its final response once its head arrived.
 
         With `upgrade`, a 101 response turns the connection into a tunnel
-        whose bytes `read` and `write` carry.
+        whose bytes `read` and `write` carry. A failure closes the
+        connection.
         """
-        assert self._transport is not None and not self._active
+        if self._transport is None or self._active:
+            self.close()
+            raise RuntimeError("exchange() needs an open and idle connection")
         self._active = True
         self._head_only = head_only
         self._upgrade = upgrade
@@ -263,6 +266,7 @@ class Connection(asyncio.Protocol):
             # leave an exception that is never retrieved.
             if not head_waiter.done():
                 head_waiter.cancel()
+            self.close()
             raise
 
     def _write_request(

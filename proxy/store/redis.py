@@ -433,8 +433,8 @@ class RedisStore:
         """
         # A Sentinel that is down costs one connect timeout, with no retry,
         # before the next one is asked. Sentinel.__init__ has no annotations
-        # in redis-py 8.1.
-        self._sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        # in redis-py 8.1 and has them in 8.2.
+        self._sentinel = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
             target.sentinels,
             sentinel_kwargs={
                 "socket_timeout": self._timeout_s,

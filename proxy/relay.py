@@ -92,6 +92,9 @@ class _RelayedResponse(web.StreamResponse):
     right after it and restores what the pod sent. The Date that aiohttp
     adds stays, as RFC 9110 section 6.6.1 requires of a recipient that
     forwards a response without one.
+
+    NOTE: aiohttp's header writer drops the bytes of a pod's header value
+    that are not UTF-8, which the whole-response path of `client_head` keeps.
     """
 
     def keep_pod_headers(self) -> None:

@@ -6,8 +6,12 @@ writes them with the body in one transport write. That skips aiohttp's
 response preparation: with a 9-byte response, callgrind counted about 8 %
 fewer instructions per proxied request. The bytes are those of
 `proxy.relay`'s path through aiohttp 3.14's `StreamResponse` for the same
-response, with one difference: header values keep the pod's bytes exactly
-where aiohttp's writer drops bytes that are not UTF-8.
+response, with two differences. The reason phrase and header values keep the
+pod's bytes exactly, where aiohttp's writer drops bytes that are not UTF-8.
+The order differs in two cases. The routed pod header comes after the pod's
+headers, where aiohttp puts it in place of a pod header of that name. A 304
+keeps its Content-Length where the pod put it, where aiohttp's path puts it
+last.
 
 Any other response goes through aiohttp's `StreamResponse`.
 """

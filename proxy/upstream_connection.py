@@ -551,7 +551,7 @@ class Connection(asyncio.Protocol):
         self._connection_tokens = _NO_TOKENS
 
     def on_status(self, status: bytes) -> None:
-        self._reason = status.decode("latin-1")
+        self._reason = status.decode("utf-8", "surrogateescape")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         decoded = name.decode("utf-8", "surrogateescape")

@@ -85,6 +85,12 @@ SCRIPTS: dict[str, list[Step]] = {
         b"HTTP/1.1 200 OK\r\nX-Routed-Pod: 99\r\nContent-Length: 2\r\n\r\nok"
     ],
     "raw-bytes": [b"HTTP/1.1 200 OK\r\nX-Raw: caf\xe9\r\nContent-Length: 2\r\n\r\nok"],
+    "utf8-reason": [b"HTTP/1.1 200 Caf\xc3\xa9\r\nContent-Length: 2\r\n\r\nok"],
+    "raw-reason": [b"HTTP/1.1 200 Caf\xe9\r\nContent-Length: 2\r\n\r\nok"],
+    "utf8-reason-chunked": [
+        b"HTTP/1.1 200 Caf\xc3\xa9\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"2\r\nok\r\n0\r\n\r\n"
+    ],
     "no-content-length": [
         b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\nX-Kept: 204\r\n\r\n"
     ],

@@ -289,6 +289,29 @@ async def test_pod_header_bytes_kept_exactly(proxy: ProxyProcess) -> None:
     assert b"\r\nX-Raw: caf\xe9\r\n" in head
 
 
+@pytest.mark.parametrize(
+    ("script", "status_line"),
+    [
+        ("utf8-reason", b"HTTP/1.1 200 Caf\xc3\xa9\r\n"),
+        ("raw-reason", b"HTTP/1.1 200 Caf\xe9\r\n"),
+        ("utf8-reason-chunked", b"HTTP/1.1 200 Caf\xc3\xa9\r\n"),
+    ],
+)
+async def test_pod_reason_bytes_kept_exactly(
+    proxy: ProxyProcess, script: str, status_line: bytes
+) -> None:
+    reader, writer = await open_client(proxy)
+    try:
+        writer.write(request_head(f"/{script}"))
+        await writer.drain()
+        async with asyncio.timeout(RAW_TIMEOUT_S):
+            head = await reader.readuntil(b"\r\n\r\n")
+    finally:
+        await close_client(writer)
+
+    assert head.startswith(status_line)
+
+
 async def test_http10_keep_alive_client_reuses_connection(
     proxy: ProxyProcess,
 ) -> None:

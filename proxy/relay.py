@@ -396,7 +396,12 @@ class Relay:
         if transport is None or transport.is_closing():
             logger.debug("client went away before the response %s", format_ids(ids))
             return response
-        transport.write(head + data if data else head)
+        sent = head + data if data else head
+        transport.write(sent)
+        # aiohttp's writer counts what went out, so that an error after this
+        # point breaks the connection off instead of appending an error
+        # response (`InboundRequestHandler.handle_error`).
+        request.writer.output_size += len(sent)
         return response
 
 

@@ -22,6 +22,7 @@ from aiohttp import web
 from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import HttpVersion10, HttpVersion11
 
+from proxy.upstream import lines_intact
 from proxy.upstream_connection import UpstreamResponse
 
 # Hop-by-hop headers (RFC 9110, section 7.6.1) apply to one connection and
@@ -114,12 +115,7 @@ def encode_client_head(
     elif version == HttpVersion11:
         lines.append("Connection: close")
     block = "\r\n".join(lines)
-    separators = len(lines) - 1
-    if (
-        block.count("\r") != separators
-        or block.count("\n") != separators
-        or "\0" in block
-    ):
+    if not lines_intact(block, len(lines)):
         return None
     # The pod's header bytes were decoded as UTF-8 with surrogate escapes,
     # so this restores them exactly.

@@ -337,6 +337,20 @@ def _take_idle(pool: _PodPool) -> Connection | None:
     return None
 
 
+def lines_intact(block: str, count: int) -> bool:
+    """Return whether `block`, `count` lines joined by CRLF, has no other CR, LF or NUL.
+
+    Counting the line breaks of the joined block is cheaper than checking
+    each line, and a line with CR, LF or NUL would split or end the head.
+    """
+    separators = count - 1
+    return (
+        block.count("\r") == separators
+        and block.count("\n") == separators
+        and "\0" not in block
+    )
+
+
 def encode_head(method: str, target: str, headers: Iterable[tuple[str, str]]) -> bytes:
     """Return the request line and header block of a request.
 
@@ -349,12 +363,7 @@ def encode_head(method: str, target: str, headers: Iterable[tuple[str, str]]) ->
     lines = [f"{method} {target} HTTP/1.1"]
     lines.extend(f"{name}: {value}" for name, value in headers)
     block = "\r\n".join(lines)
-    separators = len(lines) - 1
-    if (
-        block.count("\r") != separators
-        or block.count("\n") != separators
-        or "\0" in block
-    ):
+    if not lines_intact(block, len(lines)):
         for name, value in headers:
             if any(char in name or char in value for char in _LINE_BREAKERS):
                 raise InvalidRequestError("header", name)

@@ -223,7 +223,8 @@ class RequestCollector(Collector):
         durations = self._durations.get(service)
         if durations is None:
             durations = self._durations[service] = _Durations()
-        # A sample equal to a bound counts in that bound's bucket, as "le" says.
+        # A sample equal to a bound counts in that bound's bucket, because
+        # "le" means less than or equal.
         durations.buckets[bisect_left(REQUEST_BUCKETS_S, duration_s)] += 1
         durations.total_s += duration_s
 

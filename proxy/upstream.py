@@ -16,6 +16,7 @@ so the caller can decide on a retry. The connection protocol lives in
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections import deque
 from collections.abc import (
@@ -121,10 +122,9 @@ class UpstreamPool:
         `UpstreamResponse.tunnel`), and `headers` must carry the Upgrade and
         Connection headers. Raises `InvalidRequestError` for a target or
         header that cannot be written, and `UpstreamFailure` for anything
-        else. The caller awaits the returned coroutine at once: it is the
-        exchange itself when an idle connection is at hand, which saves a
-        coroutine per request, and `InvalidRequestError` is raised by the
-        call.
+        else. `InvalidRequestError` is raised by the call itself. The caller
+        awaits the returned coroutine at once. With an idle connection at
+        hand, it is the connection's exchange, which saves a coroutine.
         """
         if isinstance(body, bytes) and content_length is None:
             content_length = len(body)
@@ -143,54 +143,33 @@ class UpstreamPool:
         pool = self._pools.get(address)
         if pool is None:
             pool = self._pools[address] = _PodPool(address, self._limit)
-        chunked = body is not None and content_length is None
-        head_only = method == "HEAD"
-        connection = _take_idle(pool)
-        if connection is None:
-            return self._exchange_on_acquired(
-                pool,
-                connect_timeout_s,
-                head,
-                body,
-                chunked,
-                head_only,
-                upgrade,
-                read_timeout_s,
-                on_continue,
-            )
-        return connection.exchange(
-            head,
-            body,
-            chunked=chunked,
-            head_only=head_only,
+        exchange = functools.partial(
+            Connection.exchange,
+            head=head,
+            body=body,
+            chunked=body is not None and content_length is None,
+            head_only=method == "HEAD",
             upgrade=upgrade,
             read_timeout_s=read_timeout_s,
             on_continue=on_continue,
         )
+        connection = _take_idle(pool)
+        if connection is None:
+            return self._exchange_on_acquired(
+                pool, connect_timeout_s, read_timeout_s, exchange
+            )
+        return exchange(connection)
 
     async def _exchange_on_acquired(
         self,
         pool: _PodPool,
         connect_timeout_s: float | None,
-        head: bytes,
-        body: UpstreamBody,
-        chunked: bool,
-        head_only: bool,
-        upgrade: bool,
-        read_timeout_s: float | None,
-        on_continue: Callable[[], Awaitable[None]] | None,
+        wait_timeout_s: float | None,
+        exchange: Callable[[Connection], Awaitable[UpstreamResponse]],
     ) -> UpstreamResponse:
-        """Wait for a connection of `pool` or open one, then run the exchange."""
-        connection = await self._acquire(pool, connect_timeout_s, read_timeout_s)
-        return await connection.exchange(
-            head,
-            body,
-            chunked=chunked,
-            head_only=head_only,
-            upgrade=upgrade,
-            read_timeout_s=read_timeout_s,
-            on_continue=on_continue,
-        )
+        """Wait for a connection of `pool` or open one, then run `exchange` on it."""
+        connection = await self._acquire(pool, connect_timeout_s, wait_timeout_s)
+        return await exchange(connection)
 
     def idle_connections(self, address: tuple[str, int]) -> int:
         """Return the number of idle pooled connections to the pod at `address`."""
@@ -327,7 +306,11 @@ class UpstreamPool:
 
 
 def _take_idle(pool: _PodPool) -> Connection | None:
-    """Return the newest usable idle connection of `pool`, closing none."""
+    """Return the newest usable idle connection of `pool`, or None.
+
+    Unusable ones leave the list unclosed, because they are already closing
+    and `UpstreamPool.forget` updates the count when they are lost.
+    """
     idle = pool.idle
     while idle:
         connection = idle.pop()

@@ -34,6 +34,7 @@ from typing import Any
 
 import orjson
 from aiohttp import HttpVersion10, HttpVersion11, StreamReader, web, web_protocol
+from aiohttp.http import HttpRequestParser
 from aiohttp.http_exceptions import (
     BadHttpMessage,
     BadStatusLine,
@@ -43,6 +44,7 @@ from aiohttp.http_exceptions import (
 
 from proxy.chunks import strict_chunk_lines
 from proxy.config import ProxySettings
+from proxy.connections import IdleSweepServer, OnDemandRequestHandler
 from proxy.errors import StatefulRouteError
 
 logger = logging.getLogger("stateful_route.inbound")
@@ -375,7 +377,7 @@ class GuardedBody:
 # The server.
 
 
-class InboundServer(web.Server):
+class InboundServer(IdleSweepServer):
     """aiohttp's low-level server with the checks and limits of `Limits`.
 
     :param handler: the request handler, called for checked requests only.
@@ -427,10 +429,10 @@ class _MessageQueue(list[Any]):
         return self.pop(0)
 
 
-class InboundRequestHandler(web_protocol.RequestHandler):
+class InboundRequestHandler(OnDemandRequestHandler):
     """aiohttp's connection handler with JSON errors and a header timeout."""
 
-    __slots__ = ("_head", "_head_timer", "_last_payload", "_limits")
+    __slots__ = ("_head", "_head_timer", "_limits")
 
     def __init__(self, manager: InboundServer, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -440,7 +442,14 @@ class InboundRequestHandler(web_protocol.RequestHandler):
         self._limits = manager.limits
         self._head = bytearray()
         self._head_timer: asyncio.TimerHandle | None = None
-        self._last_payload: StreamReader | None = None
+
+    def _new_parser(self) -> HttpRequestParser:
+        parser = super()._new_parser()
+        strict_chunk_lines(parser)
+        return parser
+
+    def can_drop_parser(self) -> bool:
+        return not self._head and super().can_drop_parser()
 
     def _awaiting_head(self) -> bool:
         """Return whether the next bytes of the connection start a request head.
@@ -483,9 +492,7 @@ class InboundRequestHandler(web_protocol.RequestHandler):
         else:
             head = data
         self._cancel_head_timer()
-        message, payload = self._messages[-1]
-        if not isinstance(message, web_protocol._ErrInfo):
-            self._last_payload = payload
+        payload = self._messages[-1][1]
         rejection = request_line_rejection(head)
         if rejection is not None:
             self._replace_messages(queued, rejection, payload)

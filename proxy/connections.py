@@ -1,0 +1,300 @@
+"""Client connections of aiohttp's server that keep little while they are idle.
+
+aiohttp 3.14's `RequestHandler` runs one task per connection for the whole
+life of the connection, and on Python 3.11 one more task per request. While
+it waits for the next request, the connection task's frame still refers to
+the last request, its parsed message, its writer and its response, and each
+connection has a keep-alive timer of its own. With 10,000 idle keep-alive
+connections that was most of the proxy's resident memory.
+
+`OnDemandRequestHandler` runs a task only while requests are queued: the
+task starts when the parser queues a request and ends when the queue is
+empty, and the request handler runs in that task. An idle connection then
+keeps its transport, its parser and the handler object, and nothing of the
+last request. `IdleSweepServer` replaces the per-connection keep-alive
+timers with one timer per server that closes the connections idle past
+their deadline, so a connection closes between ``keepalive_timeout`` and
+``keepalive_timeout`` plus one sweep interval after its last response.
+
+When its task ends, a connection also drops its request parser, which keeps
+the headers of the last request until the next one begins, and the next
+bytes from the client make a new parser (about 0.5 us). Only a parser that
+ended a message with the last bytes it received is dropped, so that no part
+of a pipelined request is lost.
+
+The request loop follows `RequestHandler.start()` of aiohttp 3.14.5 step by
+step. It uses that class's internals ``_messages``, ``_task_handler``,
+``_next_keepalive_close_time``, ``_handle_request``, ``_make_error_handler``
+and ``_parser``, and the module's ``ERROR`` and
+``_PAYLOAD_ACCESS_ERROR``. The parser is made with the arguments of
+`RequestHandler.__init__`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from typing import Any, cast
+
+from aiohttp import StreamReader, web, web_protocol
+from aiohttp.base_protocol import BaseProtocol
+from aiohttp.helpers import ceil_timeout
+from aiohttp.http import HttpRequestParser, StreamWriter
+from aiohttp.tcp_helpers import tcp_keepalive
+
+logger = logging.getLogger("stateful_route.connections")
+
+# The longest time between two sweeps for idle connections. A shorter
+# keep-alive timeout sweeps four times per timeout.
+MAX_SWEEP_INTERVAL_S = 1.0
+
+
+class IdleSweepServer(web.Server):
+    """aiohttp's low-level server whose idle connections close in a sweep.
+
+    :param keepalive_timeout: seconds an idle connection stays open. With 0
+        or less, idle connections stay open until the client closes them.
+    """
+
+    def __init__(self, *args: Any, keepalive_timeout: float, **kwargs: Any) -> None:
+        super().__init__(*args, keepalive_timeout=keepalive_timeout, **kwargs)
+        self.keepalive_timeout = keepalive_timeout
+        self.sweep_interval_s = min(MAX_SWEEP_INTERVAL_S, max(keepalive_timeout, 0) / 4)
+        self._sweep_handle: asyncio.TimerHandle | None = None
+
+    def connection_made(
+        self, handler: web_protocol.RequestHandler, transport: asyncio.Transport
+    ) -> None:
+        super().connection_made(handler, transport)
+        if self._sweep_handle is None and self.keepalive_timeout > 0:
+            self._sweep_handle = self._loop.call_later(
+                self.sweep_interval_s, self._sweep
+            )
+
+    def _sweep(self) -> None:
+        """Close the connections that are idle past their keep-alive deadline."""
+        now = self._loop.time()
+        expired = [
+            handler
+            for handler in self._connections
+            if handler._task_handler is None
+            and handler._next_keepalive_close_time <= now
+        ]
+        for handler in expired:
+            handler.force_close()
+        if self._connections:
+            self._sweep_handle = self._loop.call_later(
+                self.sweep_interval_s, self._sweep
+            )
+        else:
+            self._sweep_handle = None
+
+    def __call__(self) -> OnDemandRequestHandler:
+        return OnDemandRequestHandler(self, loop=self._loop, **self._kwargs)
+
+    async def shutdown(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
+        # The signature is aiohttp's, which the runner calls.
+        await super().shutdown(timeout)
+        if self._sweep_handle is not None:
+            self._sweep_handle.cancel()
+            self._sweep_handle = None
+
+
+class OnDemandRequestHandler(web_protocol.RequestHandler):
+    """aiohttp's connection handler with a task only while requests are queued.
+
+    ``_task_handler`` is that task, or None while the connection is idle.
+    ``_next_keepalive_close_time`` is the time at which an idle connection
+    expires, which `IdleSweepServer` checks. ``_parser`` is None while the
+    connection is idle and its parser was dropped.
+    """
+
+    __slots__ = ("_at_boundary", "_auto_decompress", "_last_payload")
+
+    def __init__(self, manager: web.Server, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._auto_decompress: bool = kwargs.get("auto_decompress", True)
+        # The body of the last request that the parser queued.
+        self._last_payload: StreamReader | None = None
+        # Whether the parser ended a message with the last bytes it received.
+        self._at_boundary = True
+
+    def _new_parser(self) -> HttpRequestParser:
+        """Return a request parser as `RequestHandler.__init__` makes it."""
+        return HttpRequestParser(
+            self,
+            self._loop,
+            self._read_bufsize,
+            max_line_size=self.max_line_size,
+            max_field_size=self.max_field_size,
+            max_headers=self.max_headers,
+            payload_exception=web_protocol.RequestPayloadError,
+            auto_decompress=self._auto_decompress,
+            max_msg_queue_size=self._max_msg_queue_size,
+        )
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # RequestHandler.connection_made without its timer and task.
+        BaseProtocol.connection_made(self, transport)
+        real_transport = cast(asyncio.Transport, transport)
+        if self._tcp_keepalive:
+            tcp_keepalive(real_transport)
+        assert self._manager is not None
+        self._manager.connection_made(self, real_transport)
+        # A client that never sends a request expires like an idle one.
+        self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
+
+    def data_received(self, data: bytes) -> None:
+        if self._parser is None and self._manager is not None:
+            self._parser = self._new_parser()
+        queued = len(self._messages)
+        super().data_received(data)
+        if len(self._messages) > queued:
+            self._last_payload = self._messages[-1][1]
+        if data:
+            # A head ends with an empty line, and so does a chunked body.
+            # After a body that ends without one, the parser stays.
+            last = self._last_payload
+            self._at_boundary = data.endswith(b"\r\n\r\n") and (
+                last is None or last.is_eof()
+            )
+        self.start_queued()
+
+    def can_drop_parser(self) -> bool:
+        """Return whether the parser of the idle connection has no needed state."""
+        return (
+            self._at_boundary
+            and not self._messages
+            and not self._upgraded
+            and not self._message_tail
+            and not self._close
+            and not self._force_close
+            and self._payload_parser is None
+            and not self._reading_paused
+        )
+
+    def drop_parser(self) -> None:
+        """Drop the parser of an idle connection, unless it has needed state.
+
+        `data_received` makes a new parser when the client sends again.
+        """
+        if self.can_drop_parser():
+            self._parser = None
+            self._last_payload = None
+
+    def start_queued(self) -> None:
+        """Start the task that serves the queued requests, unless it runs.
+
+        The task first runs in the next iteration of the loop, so a subclass
+        may still replace what `data_received` queued after calling it.
+        """
+        if self._messages and self._task_handler is None and not self._force_close:
+            self._task_handler = self._loop.create_task(self.start())
+
+    def close(self) -> None:
+        """Close the connection once the queued requests are served."""
+        super().close()
+        if self._task_handler is None:
+            self.force_close()
+
+    async def start(self) -> None:
+        """Serve the queued requests in order, then end until more arrive."""
+        loop = self._loop
+        manager = self._manager
+        assert manager is not None
+        factory = self._request_factory
+        assert factory is not None
+        try:
+            while self._messages and not self._force_close:
+                if not await self._serve_one(loop, manager, factory):
+                    return
+                if not self._keepalive or self._close or self._force_close:
+                    if self.transport is not None and not self._force_close:
+                        self.transport.close()
+                    return
+            self._next_keepalive_close_time = loop.time() + self._keepalive_timeout
+            self.drop_parser()
+        finally:
+            self._task_handler = None
+
+    async def _serve_one(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        manager: web.Server,
+        factory: Any,
+    ) -> bool:
+        """Serve the first queued request. Return False when the client went away."""
+        message, payload = self._messages.popleft()
+        # Free a parser slot, and read again once the queue drained to
+        # its low-water mark, as aiohttp's start() does.
+        if self._parser is not None:
+            self._parser.message_consumed()
+        if self._buffer_paused and len(self._messages) <= self._msg_queue_resume_size:
+            self._resume_reading_if_drained()
+
+        started = loop.time() if self._logging_enabled else None
+        manager.requests_count += 1
+        writer = StreamWriter(self, loop)
+        if isinstance(message, web_protocol._ErrInfo):
+            request_handler = self._make_error_handler(message)
+            message = web_protocol.ERROR
+        else:
+            assert self._request_handler is not None
+            request_handler = self._request_handler
+        request = factory(message, payload, self, writer, self._task_handler)
+        try:
+            try:
+                response, reset = await self._handle_request(
+                    request, started, request_handler
+                )
+            except ConnectionError:
+                self.log_debug("client went away before its response")
+                return False
+            if reset:
+                self.log_debug("client went away while its response was written")
+                return False
+            self._keepalive = bool(response.keep_alive)
+            if not payload.is_eof():
+                await self._linger(loop, payload)
+            payload.set_exception(web_protocol._PAYLOAD_ACCESS_ERROR)
+        except asyncio.CancelledError:
+            self.log_debug("client went away before its response")
+            self.force_close()
+            raise
+        except Exception as exc:
+            self.log_exception("unexpected error serving a request", exc_info=exc)
+            self.force_close()
+        except BaseException:
+            self.force_close()
+            raise
+        finally:
+            # The request refers to the task; breaking that cycle lets both
+            # go as soon as the request ends.
+            request._task = None
+        return True
+
+    async def _linger(
+        self, loop: asyncio.AbstractEventLoop, payload: StreamReader
+    ) -> None:
+        """Read and drop the unread rest of a request body, for a while.
+
+        A rest that does not end within ``lingering_time`` closes the
+        connection after the response.
+        """
+        lingering_time = self._lingering_time
+        if not self._force_close and lingering_time:
+            now = loop.time()
+            end = now + lingering_time
+            try:
+                while not payload.is_eof() and now < end:
+                    async with ceil_timeout(end - now):
+                        await payload.readany()
+                    now = loop.time()
+            except (asyncio.CancelledError, TimeoutError):
+                task = asyncio.current_task()
+                if sys.version_info >= (3, 11) and task and task.cancelling():
+                    raise
+        if not payload.is_eof() and not self._force_close:
+            self.log_debug("request body not read to the end, closing")
+            self.close()

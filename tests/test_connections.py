@@ -1,0 +1,293 @@
+"""Tests of client connections that keep little while idle, over real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import pytest
+from aiohttp import web
+from conftest import LOOPBACK
+
+from proxy.connections import IdleSweepServer, OnDemandRequestHandler
+
+# Short enough for a test, long enough that a loaded machine answers a
+# request well within it.
+KEEPALIVE_S = 1.0
+WAIT_S = 10.0
+
+
+@dataclass
+class Served:
+    """A running server and the requests its handler saw."""
+
+    server: IdleSweepServer
+    port: int
+    targets: list[str] = field(default_factory=list)
+    bodies: list[bytes] = field(default_factory=list)
+    cancelled: list[str] = field(default_factory=list)
+
+    def handlers(self) -> list[OnDemandRequestHandler]:
+        return [
+            handler
+            for handler in self.server.connections
+            if isinstance(handler, OnDemandRequestHandler)
+        ]
+
+
+ServeFactory = Callable[..., Awaitable[Served]]
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[ServeFactory]:
+    runners: list[web.ServerRunner] = []
+
+    async def start(keepalive_s: float = KEEPALIVE_S) -> Served:
+        served: Served
+
+        async def handle(request: web.BaseRequest) -> web.StreamResponse:
+            served.targets.append(request.raw_path)
+            served.bodies.append(await request.read())
+            if request.raw_path == "/slow":
+                try:
+                    await asyncio.sleep(keepalive_s * 3)
+                except asyncio.CancelledError:
+                    served.cancelled.append(request.raw_path)
+                    raise
+            return web.Response(body=request.raw_path.encode())
+
+        server = IdleSweepServer(
+            handle, keepalive_timeout=keepalive_s, handler_cancellation=True
+        )
+        runner = web.ServerRunner(server, handle_signals=False)
+        await runner.setup()
+        runners.append(runner)
+        site = web.TCPSite(runner, LOOPBACK, 0)
+        await site.start()
+        served = Served(server, runner.addresses[0][1])
+        return served
+
+    try:
+        yield start
+    finally:
+        for runner in runners:
+            await runner.cleanup()
+
+
+def get(target: str) -> bytes:
+    return f"GET {target} HTTP/1.1\r\nHost: test\r\n\r\n".encode()
+
+
+def post(target: str, body: bytes) -> bytes:
+    head = f"POST {target} HTTP/1.1\r\nHost: test\r\nContent-Length: {len(body)}\r\n"
+    return head.encode() + b"\r\n" + body
+
+
+async def read_body(reader: asyncio.StreamReader) -> bytes:
+    async with asyncio.timeout(WAIT_S):
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 "), head
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":")[1])
+        return await reader.readexactly(length)
+
+
+async def closed_by_peer(reader: asyncio.StreamReader) -> bool:
+    try:
+        async with asyncio.timeout(WAIT_S):
+            return await reader.read(1024) == b""
+    except TimeoutError:
+        return False
+    except ConnectionError:
+        return True
+
+
+async def wait_until(condition: Callable[[], bool]) -> None:
+    """Poll `condition`, which server callbacks change, for up to `WAIT_S`."""
+    async with asyncio.timeout(WAIT_S):
+        while True:
+            if condition():
+                return
+            await asyncio.sleep(0.01)
+
+
+async def test_idle_connection_keeps_no_task_or_parser(serve: ServeFactory) -> None:
+    served = await serve()
+    reader, writer = await asyncio.open_connection(LOOPBACK, served.port)
+    try:
+        writer.write(get("/first"))
+        assert await read_body(reader) == b"/first"
+        [handler] = served.handlers()
+        await wait_until(lambda: handler._task_handler is None)
+
+        assert handler._parser is None
+        assert not handler._messages
+        writer.write(get("/second"))
+        assert await read_body(reader) == b"/second"
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+    assert served.targets == ["/first", "/second"]
+
+
+async def test_partial_pipelined_head_survives_idle(serve: ServeFactory) -> None:
+    served = await serve()
+    reader, writer = await asyncio.open_connection(LOOPBACK, served.port)
+    try:
+        second = get("/second")
+        writer.write(get("/first") + second[:10])
+        assert await read_body(reader) == b"/first"
+        [handler] = served.handlers()
+        await wait_until(lambda: handler._task_handler is None)
+        assert handler._parser is not None
+
+        writer.write(second[10:])
+        assert await read_body(reader) == b"/second"
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+    assert served.targets == ["/first", "/second"]
+
+
+async def test_body_split_over_reads_arrives_whole(serve: ServeFactory) -> None:
+    served = await serve()
+    reader, writer = await asyncio.open_connection(LOOPBACK, served.port)
+    try:
+        request = post("/upload", b"0123456789")
+        writer.write(request[:-4])
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        writer.write(request[-4:] + get("/after"))
+        assert await read_body(reader) == b"/upload"
+        assert await read_body(reader) == b"/after"
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+    assert served.bodies == [b"0123456789", b""]
+
+
+async def test_pipelined_requests_answered_in_order(serve: ServeFactory) -> None:
+    served = await serve()
+    targets = [f"/pipelined-{number}" for number in range(40)]
+    reader, writer = await asyncio.open_connection(LOOPBACK, served.port)
+    try:
+        writer.write(b"".join(get(target) for target in targets))
+        answered = [(await read_body(reader)).decode() for _ in targets]
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+    assert answered == targets
+
+
+async def test_idle_connection_closed_after_keepalive(serve: ServeFactory) -> None:
+    served = await serve()
+    reader, writer = await asyncio.open_connection(LOOPBACK, served.port)
+    try:
+        writer.write(get("/only"))
+        assert await read_body(reader) == b"/only"
+        started = asyncio.get_running_loop().time()
+        closed = await closed_by_peer(reader)
+        idle_s = asyncio.get_running_loop().time() - started
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+    assert closed
+    # Closed no earlier than the timeout, measured from before the read.
+    assert idle_s >= KEEPALIVE_S * 0.9
+
+
+async def test_silent_connection_closed_after_keepalive(serve: ServeFactory) -> None:
+    served = await serve()
+    reader, writer = await asyncio.open_connection(LOOPBACK, served.port)
+    try:
+        closed = await closed_by_peer(reader)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+    assert closed
+    await wait_until(lambda: not served.server.connections)
+
+
+async def test_request_in_progress_outlives_keepalive(serve: ServeFactory) -> None:
+    served = await serve()
+    reader, writer = await asyncio.open_connection(LOOPBACK, served.port)
+    try:
+        writer.write(get("/slow"))
+        body = await read_body(reader)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+    assert body == b"/slow"
+    assert served.cancelled == []
+
+
+async def test_client_gone_cancels_handler(serve: ServeFactory) -> None:
+    served = await serve()
+    _, writer = await asyncio.open_connection(LOOPBACK, served.port)
+    writer.write(get("/slow"))
+    await writer.drain()
+    await wait_until(lambda: served.targets == ["/slow"])
+    writer.close()
+    await writer.wait_closed()
+
+    await wait_until(lambda: served.cancelled == ["/slow"])
+    await wait_until(lambda: not served.server.connections)
+
+
+async def test_close_ends_idle_connection_at_once(serve: ServeFactory) -> None:
+    served = await serve(keepalive_s=60.0)
+    reader, writer = await asyncio.open_connection(LOOPBACK, served.port)
+    try:
+        writer.write(get("/first"))
+        assert await read_body(reader) == b"/first"
+        [handler] = served.handlers()
+        await wait_until(lambda: handler._task_handler is None)
+        served.server.pre_shutdown()
+        closed = await closed_by_peer(reader)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+    assert closed
+
+
+async def test_close_lets_request_in_progress_finish(serve: ServeFactory) -> None:
+    served = await serve(keepalive_s=0.3)
+    reader, writer = await asyncio.open_connection(LOOPBACK, served.port)
+    try:
+        writer.write(get("/slow"))
+        await wait_until(lambda: served.targets == ["/slow"])
+        served.server.pre_shutdown()
+        body = await read_body(reader)
+        closed = await closed_by_peer(reader)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+    assert body == b"/slow"
+    assert closed
+
+
+async def test_sweep_stops_without_connections(serve: ServeFactory) -> None:
+    served = await serve(keepalive_s=0.2)
+    reader, writer = await asyncio.open_connection(LOOPBACK, served.port)
+    try:
+        writer.write(get("/only"))
+        assert await read_body(reader) == b"/only"
+        assert served.server._sweep_handle is not None
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+    await wait_until(lambda: not served.server.connections)
+    await wait_until(lambda: served.server._sweep_handle is None)

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy.admin_health import add_health_routes
 from proxy.admin_input import SERVER_KEY, json_response, server_of
@@ -129,6 +128,9 @@ async def status(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     """Return the proxy's metrics in the Prometheus text format."""
+    # Imported on the first scrape, so a proxy never scraped does not load it.
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
     registry = server_of(request).metrics.registry
     return web.Response(
         body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}

@@ -7,6 +7,8 @@ sends traffic through its proxy port and reads the admin port's metrics.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -25,6 +27,28 @@ TOKEN = "metrics-test-token"
 CLIENT_TIMEOUT = aiohttp.ClientTimeout(total=10)
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+# Starts a proxy with the admin API in a fresh interpreter, then exits 1
+# when prometheus_client was imported before any scrape.
+START_WITHOUT_SCRAPE = """
+import asyncio, sys
+from proxy.config import parse_config
+from proxy.server import ProxyServer
+
+async def main():
+    document = {
+        "proxy": {"host": "127.0.0.1", "port": 0},
+        "admin": {"host": "127.0.0.1", "port": 0},
+        "services": {"game": {"pods": ["127.0.0.1:1"]}},
+    }
+    proxy = ProxyServer(parse_config(document, environ={}))
+    await proxy.start()
+    proxy.metrics.observe_request("game", 0, 200, 0.001)
+    await proxy.stop()
+
+asyncio.run(main())
+sys.exit(1 if "prometheus_client" in sys.modules else 0)
+"""
 
 
 @pytest.fixture
@@ -244,6 +268,17 @@ async def test_upstream_refused_counted_by_kind(
         )
         == 1
     )
+
+
+def test_start_leaves_prometheus_client_unloaded() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", START_WITHOUT_SCRAPE],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert result.returncode == 0, result.stderr
 
 
 def collected(collector: RequestCollector) -> Samples:

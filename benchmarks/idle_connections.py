@@ -10,11 +10,18 @@ idle. Then it reports the proxy's resident memory (VmRSS of
 connections stay open for the measurement, well within the proxy's
 keep-alive timeout (``proxy.keepalive_timeout_s``, 75 s by default).
 
+Each connection is a new user, so ``--open-concurrency`` (200 by default)
+also sets how many store and pod connections the proxy opens at the peak,
+and keeps open after it. The proxy's modules are compiled first, as an
+installed package has them, because a machine that sets
+PYTHONDONTWRITEBYTECODE would otherwise compile them at every start.
+
 It raises its own RLIMIT_NOFILE, which the proxy inherits, to the
 connections plus `FD_HEADROOM`, bounded by the hard limit.
 
     python benchmarks/idle_connections.py --connections 10000
     python benchmarks/idle_connections.py --connections 10000 --store redis
+    python benchmarks/idle_connections.py --store redis --open-concurrency 20
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
 FD_HEADROOM = 512
 MAX_CONNECTIONS = 30_000
-OPEN_CONCURRENCY = 200
+MAX_OPEN_CONCURRENCY = 1_000
 READY_TIMEOUT_S = 20.0
 SETTLE_S = 3.0
 REQUEST = b"GET / HTTP/1.1\r\nHost: bench\r\nX-Uid: idle-%d\r\n\r\n"
@@ -119,10 +126,15 @@ pods = ["{HOST}:{pod_port}"]
     return path
 
 
-async def open_idle(port: int, count: int) -> list[asyncio.StreamWriter]:
-    """Open `count` connections and send one request on each, read to the end."""
+async def open_idle(
+    port: int, count: int, concurrency: int
+) -> list[asyncio.StreamWriter]:
+    """Open `count` connections and send one request on each, read to the end.
+
+    At most `concurrency` connections wait for their response at a time.
+    """
     writers: list[asyncio.StreamWriter] = []
-    limit = asyncio.Semaphore(OPEN_CONCURRENCY)
+    limit = asyncio.Semaphore(concurrency)
 
     async def one(number: int) -> None:
         async with limit:
@@ -143,13 +155,15 @@ async def open_idle(port: int, count: int) -> list[asyncio.StreamWriter]:
     return writers
 
 
-async def measure(proxy_pid: int, port: int, count: int) -> tuple[float, float]:
+async def measure(
+    proxy_pid: int, port: int, count: int, concurrency: int
+) -> tuple[float, float]:
     # A few requests first, so the before value includes the warm paths.
-    for writer in await open_idle(port, 10):
+    for writer in await open_idle(port, 10, concurrency):
         writer.close()
     await asyncio.sleep(SETTLE_S)
     before = rss_mb(proxy_pid)
-    writers = await open_idle(port, count)
+    writers = await open_idle(port, count, concurrency)
     await asyncio.sleep(SETTLE_S)
     after = rss_mb(proxy_pid)
     for writer in writers:
@@ -172,11 +186,27 @@ def main() -> int:
         help="link store of the proxy; redis starts its own redis-server "
         "(default: %(default)s)",
     )
+    parser.add_argument(
+        "--open-concurrency",
+        type=int,
+        default=200,
+        help="connections that wait for their first response at a time, "
+        f"1 to {MAX_OPEN_CONCURRENCY}; each is a new user, so this is also "
+        "the peak of the proxy's store and pod connections (default: %(default)s)",
+    )
     arguments = parser.parse_args()
     count = arguments.connections
+    concurrency = arguments.open_concurrency
+    if not 1 <= concurrency <= MAX_OPEN_CONCURRENCY:
+        parser.error(
+            f"--open-concurrency {concurrency}: expected 1 to {MAX_OPEN_CONCURRENCY}"
+        )
     if not 1 <= count <= MAX_CONNECTIONS:
         parser.error(f"--connections {count}: expected 1 to {MAX_CONNECTIONS}")
     raise_file_limit(count)
+    subprocess.run(
+        [sys.executable, "-m", "compileall", "-q", str(ROOT / "proxy")], check=True
+    )
 
     started: list[subprocess.Popen[bytes]] = []
     with tempfile.TemporaryDirectory(prefix="stateful-route-idle-") as name:
@@ -204,7 +234,7 @@ def main() -> int:
             )
             started.append(proxy)
             wait_listening(port, proxy, "proxy")
-            before, after = asyncio.run(measure(proxy.pid, port, count))
+            before, after = asyncio.run(measure(proxy.pid, port, count, concurrency))
         finally:
             # The proxy stops before its store, so it does not log an outage.
             for process in reversed(started):
@@ -212,7 +242,10 @@ def main() -> int:
                 process.wait(10)
 
     per_connection_kb = (after - before) * 1024 / count
-    print(f"idle keep-alive connections: {count:,} ({arguments.store} store)")
+    print(
+        f"idle keep-alive connections: {count:,} ({arguments.store} store, "
+        f"opened {concurrency} at a time)"
+    )
     print(f"proxy RSS before: {before:.1f} MiB")
     print(f"proxy RSS after:  {after:.1f} MiB")
     print(f"per connection:   {per_connection_kb:.1f} KiB")

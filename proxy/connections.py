@@ -175,13 +175,19 @@ class OnDemandRequestHandler(web_protocol.RequestHandler):
         )
 
     def drop_parser(self) -> None:
-        """Drop the parser of an idle connection, unless it has needed state.
+        """Drop the parser and cached addresses of an idle connection.
+
+        Nothing is dropped while the parser has state that the next request
+        needs.
 
         `data_received` makes a new parser when the client sends again.
         """
         if self.can_drop_parser():
             self._parser = None
             self._last_payload = None
+            # The peer and socket addresses that aiohttp cached for requests.
+            # The next request reads them again, about 0.3 us each.
+            self._cache.clear()
 
     def start_queued(self) -> None:
         """Start the task that serves the queued requests, unless it runs.

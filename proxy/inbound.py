@@ -440,7 +440,9 @@ class InboundRequestHandler(OnDemandRequestHandler):
         # aiohttp declares a deque, and uses only what _MessageQueue has.
         self._messages = _MessageQueue()  # type: ignore[assignment]
         self._limits = manager.limits
-        self._head = bytearray()
+        # The bytes of an incomplete request head. An empty bytes object
+        # until one arrives, so that an idle connection keeps no buffer.
+        self._head: bytes | bytearray = b""
         self._head_timer: asyncio.TimerHandle | None = None
 
     def _new_parser(self) -> HttpRequestParser:
@@ -472,7 +474,10 @@ class InboundRequestHandler(OnDemandRequestHandler):
         queued = len(self._messages)
         super().data_received(data)
         if len(self._messages) == queued:
-            self._head += data
+            if self._head:
+                self._head += data
+            else:
+                self._head = bytearray(data)
             if len(self._head) > self._limits.max_header_bytes:
                 self._close_early(
                     431,
@@ -488,7 +493,7 @@ class InboundRequestHandler(OnDemandRequestHandler):
 
         if self._head:
             head = bytes(self._head) + data
-            self._head.clear()
+            self._head = b""
         else:
             head = data
         self._cancel_head_timer()
@@ -547,7 +552,7 @@ class InboundRequestHandler(OnDemandRequestHandler):
         written on the connection.
         """
         self._cancel_head_timer()
-        self._head.clear()
+        self._head = b""
         peer = self.peername
         host = peer[0] if isinstance(peer, tuple) else peer
         logger.info("closed connection from %s with %d: %s", host, status, message)

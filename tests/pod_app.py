@@ -8,8 +8,9 @@ milliseconds before its handler runs. Endpoints:
 - any path not listed below: JSON ``{"pod", "uid", "method", "path",
   "headers"}``, where ``path`` is the raw request target with its query and
   ``headers`` lists every request header as a ``[name, value]`` pair.
-- ``POST /upload`` and ``PUT /upload``: reads the body as a stream and
-  returns JSON ``{"pod", "method", "length", "sha256"}``.
+- ``POST /upload`` and ``PUT /upload``: reads the body as a stream, as it
+  arrived and never decompressed, and returns JSON ``{"pod", "method",
+  "length", "sha256"}``.
 - ``GET /download?size=N``: N bytes of `pattern_bytes`, with Content-Length.
 - ``GET /cookies``: three ``Set-Cookie`` headers, in the order of `COOKIES`.
 - ``GET /slow?ms=N``: sleeps N milliseconds, then returns the same JSON as
@@ -139,6 +140,8 @@ async def serve(index: int, port: int, delay_ms: int = 0) -> None:
         max_line_size=PROXY_DEFAULTS.max_request_line_bytes,
         max_field_size=PROXY_DEFAULTS.max_header_field_bytes,
         max_headers=PROXY_DEFAULTS.max_header_count,
+        # /upload reports the body bytes as they arrived, also compressed ones.
+        auto_decompress=False,
     )
     await runner.setup()
     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import hashlib
 import json
 import os
@@ -913,6 +914,20 @@ async def test_binary_body_reaches_pod_identical(
     seen = reply.json()
     assert reply.status == 200
     assert seen["length"] == size
+    assert seen["sha256"] == hashlib.sha256(body).hexdigest()
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate", "br", "zstd"])
+async def test_encoded_body_reaches_pod_encoded(proxy: Proxy, coding: str) -> None:
+    # The proxy relays the encoded bytes, whichever coding the header names.
+    body = gzip.compress(b"state of the user " * 100)
+    extra = f"Content-Encoding: {coding}\r\nContent-Length: {len(body)}\r\n"
+
+    reply = await exchange(proxy.port, head("encoded", "/upload", extra, "POST") + body)
+
+    seen = reply.json()
+    assert reply.status == 200
+    assert seen["length"] == len(body)
     assert seen["sha256"] == hashlib.sha256(body).hexdigest()
 
 

@@ -10,11 +10,14 @@ import pytest
 from aiohttp import web
 from conftest import LOOPBACK
 
+from proxy import connections
 from proxy.connections import IdleSweepServer, OnDemandRequestHandler
 
 # Short enough for a test, long enough that a loaded machine answers a
 # request well within it.
 KEEPALIVE_S = 1.0
+# Four sweeps of one second each before an idle connection closes.
+LONG_KEEPALIVE_S = 4.0
 WAIT_S = 10.0
 
 
@@ -115,16 +118,18 @@ async def wait_until(condition: Callable[[], bool]) -> None:
 
 
 async def test_idle_connection_keeps_no_task_or_parser(serve: ServeFactory) -> None:
-    served = await serve()
+    served = await serve(keepalive_s=LONG_KEEPALIVE_S)
     reader, writer = await asyncio.open_connection(LOOPBACK, served.port)
     try:
         writer.write(get("/first"))
         assert await read_body(reader) == b"/first"
         [handler] = served.handlers()
         await wait_until(lambda: handler._task_handler is None)
+        # The sweep drops the parser after a whole interval of idleness.
+        await wait_until(lambda: handler._parser is None)
 
-        assert handler._parser is None
         assert not handler._messages
+        assert not handler._cache
         writer.write(get("/second"))
         assert await read_body(reader) == b"/second"
     finally:
@@ -134,8 +139,29 @@ async def test_idle_connection_keeps_no_task_or_parser(serve: ServeFactory) -> N
     assert served.targets == ["/first", "/second"]
 
 
+async def test_many_connections_drop_parser_at_once(
+    serve: ServeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(connections, "DROP_AT_ONCE_CONNECTIONS", 1)
+    served = await serve(keepalive_s=LONG_KEEPALIVE_S)
+    reader, writer = await asyncio.open_connection(LOOPBACK, served.port)
+    try:
+        writer.write(get("/first"))
+        assert await read_body(reader) == b"/first"
+        [handler] = served.handlers()
+        await wait_until(lambda: handler._task_handler is None)
+
+        # A sweep drops a parser only after a whole interval of idleness.
+        assert handler._parser is None
+        writer.write(get("/second"))
+        assert await read_body(reader) == b"/second"
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
 async def test_partial_pipelined_head_survives_idle(serve: ServeFactory) -> None:
-    served = await serve()
+    served = await serve(keepalive_s=LONG_KEEPALIVE_S)
     reader, writer = await asyncio.open_connection(LOOPBACK, served.port)
     try:
         second = get("/second")
@@ -143,6 +169,9 @@ async def test_partial_pipelined_head_survives_idle(serve: ServeFactory) -> None
         assert await read_body(reader) == b"/first"
         [handler] = served.handlers()
         await wait_until(lambda: handler._task_handler is None)
+        # Two sweeps pass, and neither may drop the parser with its part
+        # of the second head.
+        await asyncio.sleep(served.server.sweep_interval_s * 2.2)
         assert handler._parser is not None
 
         writer.write(second[10:])

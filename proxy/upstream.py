@@ -143,22 +143,34 @@ class UpstreamPool:
         pool = self._pools.get(address)
         if pool is None:
             pool = self._pools[address] = _PodPool(address, self._limit)
+        chunked = body is not None and content_length is None
+        head_only = method == "HEAD"
+        connection = _take_idle(pool)
+        if connection is not None:
+            # Called directly, because calling a partial with these keyword
+            # arguments builds a dict of them on every request.
+            return connection.exchange(
+                head,
+                body,
+                chunked=chunked,
+                head_only=head_only,
+                upgrade=upgrade,
+                read_timeout_s=read_timeout_s,
+                on_continue=on_continue,
+            )
         exchange = functools.partial(
             Connection.exchange,
             head=head,
             body=body,
-            chunked=body is not None and content_length is None,
-            head_only=method == "HEAD",
+            chunked=chunked,
+            head_only=head_only,
             upgrade=upgrade,
             read_timeout_s=read_timeout_s,
             on_continue=on_continue,
         )
-        connection = _take_idle(pool)
-        if connection is None:
-            return self._exchange_on_acquired(
-                pool, connect_timeout_s, read_timeout_s, exchange
-            )
-        return exchange(connection)
+        return self._exchange_on_acquired(
+            pool, connect_timeout_s, read_timeout_s, exchange
+        )
 
     async def _exchange_on_acquired(
         self,
@@ -343,8 +355,9 @@ def encode_head(method: str, target: str, headers: Iterable[tuple[str, str]]) ->
     """
     if not target or not target.isprintable() or " " in target:
         raise InvalidRequestError("target", target)
-    lines = [f"{method} {target} HTTP/1.1"]
-    lines.extend(f"{name}: {value}" for name, value in headers)
+    # str.join on each (name, value) pair formats the lines without a
+    # Python frame per header.
+    lines = [f"{method} {target} HTTP/1.1", *map(": ".join, headers)]
     block = "\r\n".join(lines)
     if not lines_intact(block, len(lines)):
         for name, value in headers:

@@ -201,7 +201,7 @@ class Connection(asyncio.Protocol):
         self._response: UpstreamResponse | None = None
         self._headers: list[tuple[str, str]] = []
         self._reason = ""
-        self._content_lengths = 0
+        self._content_length: str | None = None
         self._transfer_encoding: str | None = None
         self._connection_tokens: frozenset[str] = _NO_TOKENS
         self._keep_alive = False
@@ -546,7 +546,7 @@ class Connection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self._headers = []
-        self._content_lengths = 0
+        self._content_length = None
         self._transfer_encoding = None
         self._connection_tokens = _NO_TOKENS
 
@@ -555,9 +555,11 @@ class Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         decoded = name.decode("utf-8", "surrogateescape")
+        text = value.decode("utf-8", "surrogateescape")
         lowered = decoded.lower()
         if lowered == "content-length":
-            self._content_lengths += 1
+            # llhttp rejects a second Content-Length, so this is the only one.
+            self._content_length = text
         elif lowered == "transfer-encoding":
             self._transfer_encoding = value.decode("latin-1").strip().lower()
         elif lowered == "connection":
@@ -565,7 +567,7 @@ class Connection(asyncio.Protocol):
             self._connection_tokens = self._connection_tokens.union(
                 token.strip() for token in tokens
             )
-        self._headers.append((decoded, value.decode("utf-8", "surrogateescape")))
+        self._headers.append((decoded, text))
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
@@ -599,8 +601,8 @@ class Connection(asyncio.Protocol):
         self._keep_alive = self._parser.should_keep_alive()
         bodyless = self._head_only or status in _BODYLESS_STATUSES
         content_length = None
-        if self._content_lengths:
-            content_length = int(_header(self._headers, "content-length"))
+        if self._content_length is not None:
+            content_length = int(self._content_length)
         elif bodyless:
             content_length = 0
 
@@ -714,10 +716,3 @@ class Connection(asyncio.Protocol):
 
 async def _one_chunk(body: bytes) -> AsyncIterator[bytes]:
     yield body
-
-
-def _header(headers: list[tuple[str, str]], lowered_name: str) -> str:
-    for name, value in headers:
-        if name.lower() == lowered_name:
-            return value
-    raise KeyError(lowered_name)

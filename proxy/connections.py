@@ -11,10 +11,11 @@ connections that was most of the proxy's resident memory.
 task starts when the parser queues a request and ends when the queue is
 empty, and the request handler runs in that task. An idle connection then
 keeps its transport, the handler object and, until it drops it, its
-parser, and nothing of the last request. `IdleSweepServer` replaces the per-connection keep-alive
-timers with one timer per server that closes the connections idle past
-their deadline, so a connection closes between ``keepalive_timeout`` and
-``keepalive_timeout`` plus one sweep interval after its last response.
+parser, and nothing of the last request. `IdleSweepServer` replaces the
+per-connection keep-alive timers with one timer per server that closes the
+connections idle past their deadline, so a connection closes between
+``keepalive_timeout`` and ``keepalive_timeout`` plus one sweep interval
+after its last response.
 
 An idle connection also drops its request parser, which keeps the headers
 of the last request until the next one begins, and the peer and socket

@@ -229,9 +229,14 @@ class OnDemandRequestHandler(web_protocol.RequestHandler):
         assert factory is not None
         try:
             while self._messages and not self._force_close:
-                if not await self._serve_one(loop, manager, factory):
-                    return
-                if not self._keepalive or self._close or self._force_close:
+                served = await self._serve_one(loop, manager, factory)
+                if (
+                    not served
+                    or not self._keepalive
+                    or self._close
+                    or self._force_close
+                ):
+                    # The connection ends after this request, as in aiohttp.
                     if self.transport is not None and not self._force_close:
                         self.transport.close()
                     return

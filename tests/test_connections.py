@@ -52,6 +52,11 @@ async def serve() -> AsyncIterator[ServeFactory]:
         async def handle(request: web.BaseRequest) -> web.StreamResponse:
             served.targets.append(request.raw_path)
             served.bodies.append(await request.read())
+            if request.raw_path == "/broken-stream":
+                response = web.StreamResponse(headers={"Content-Length": "100"})
+                await response.prepare(request)
+                await response.write(b"0123456789")
+                raise RuntimeError("the stream broke off")
             if request.raw_path == "/slow":
                 try:
                     await asyncio.sleep(keepalive_s * 3)
@@ -199,6 +204,25 @@ async def test_body_split_over_reads_arrives_whole(serve: ServeFactory) -> None:
         await writer.wait_closed()
 
     assert served.bodies == [b"0123456789", b""]
+
+
+async def test_broken_stream_closes_connection(serve: ServeFactory) -> None:
+    # Far beyond WAIT_S, so only the close after the error ends the read.
+    served = await serve(keepalive_s=60.0)
+    reader, writer = await asyncio.open_connection(LOOPBACK, served.port)
+    try:
+        writer.write(get("/broken-stream"))
+        async with asyncio.timeout(WAIT_S):
+            head = await reader.readuntil(b"\r\n\r\n")
+        # The client must see the response cut short, not wait for the rest.
+        async with asyncio.timeout(WAIT_S):
+            rest = await reader.read()
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert rest == b"0123456789"
 
 
 async def test_pipelined_requests_answered_in_order(serve: ServeFactory) -> None:

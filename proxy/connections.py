@@ -284,6 +284,11 @@ class OnDemandRequestHandler(web_protocol.RequestHandler):
                 return False
             self._keepalive = bool(response.keep_alive)
             if not payload.is_eof():
+                # The handler may have left a task that sends the body to the
+                # pod and waits for its next bytes. A pod that responded
+                # early has it cancelled, which takes effect in the next
+                # iteration of the loop, so the body is drained only after it.
+                await asyncio.sleep(0)
                 await self._linger(loop, payload)
             payload.set_exception(web_protocol._PAYLOAD_ACCESS_ERROR)
         except asyncio.CancelledError:

@@ -756,6 +756,48 @@ async def test_upload_passes_byte_identical(
     assert result["sha256"] == hashlib.sha256(data).hexdigest()
 
 
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+async def test_early_response_keeps_connection(
+    launch_proxy: Launch, document: Document, framing: str
+) -> None:
+    # The pod's echo path answers without reading the body, while the rest
+    # of the body is still on its way to the proxy.
+    proxy = await launch_proxy(document)
+    body = b"x" * 200_000
+    if framing == "chunked":
+        framing_header = "Transfer-Encoding: chunked"
+        payload = b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n"
+    else:
+        framing_header = f"Content-Length: {len(body)}"
+        payload = body
+    post = (
+        f"POST /echo HTTP/1.1\r\nHost: {LOOPBACK}\r\nX-Service: game\r\n"
+        f"X-Uid: early\r\n{framing_header}\r\n\r\n"
+    ).encode("latin-1")
+    get = f"GET /after HTTP/1.1\r\nHost: {LOOPBACK}\r\nX-Service: game\r\n"
+    get += "X-Uid: early\r\n\r\n"
+    reader, writer = await asyncio.open_connection(LOOPBACK, proxy.port)
+    try:
+        half = len(payload) // 2
+        writer.write(post + payload[:half])
+        await writer.drain()
+        await asyncio.sleep(0.3)
+        writer.write(payload[half:])
+        await writer.drain()
+        status, _, _ = await read_response(reader)
+        writer.write(get.encode("latin-1"))
+        await writer.drain()
+        second_status, _, second_body = await read_response(reader)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+    assert status == 200
+    assert second_status == 200
+    assert json.loads(second_body)["path"] == "/after"
+    assert "unexpected error" not in proxy.log()
+
+
 async def test_download_passes_byte_identical(
     launch_proxy: Launch, document: Document, client: aiohttp.ClientSession
 ) -> None:

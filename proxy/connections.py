@@ -127,7 +127,12 @@ class OnDemandRequestHandler(web_protocol.RequestHandler):
     connection is idle and its parser was dropped.
     """
 
-    __slots__ = ("_at_boundary", "_auto_decompress", "_last_payload")
+    __slots__ = (
+        "_at_boundary",
+        "_auto_decompress",
+        "_close_after_request",
+        "_last_payload",
+    )
 
     def __init__(self, manager: web.Server, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -137,6 +142,8 @@ class OnDemandRequestHandler(web_protocol.RequestHandler):
         # Whether the last bytes received end with an empty line. With the
         # body of the last request complete, the parser then ended a message.
         self._at_boundary = True
+        # Set by close() while a request is in progress.
+        self._close_after_request = False
 
     def _new_parser(self) -> HttpRequestParser:
         """Return a request parser as `RequestHandler.__init__` makes it."""
@@ -215,10 +222,17 @@ class OnDemandRequestHandler(web_protocol.RequestHandler):
             self._task_handler = self._loop.create_task(self.start())
 
     def close(self) -> None:
-        """Close the connection once the queued requests are served."""
-        super().close()
+        """Close the connection now when it is idle, else after its request.
+
+        The request in progress still gets the rest of its body, and a
+        tunnel the client's bytes, where aiohttp's `close()` stops reading
+        at once. Requests queued behind it are not served.
+        """
         if self._task_handler is None:
+            super().close()
             self.force_close()
+        else:
+            self._close_after_request = True
 
     async def start(self) -> None:
         """Serve the queued requests in order, then end until more arrive."""
@@ -234,6 +248,7 @@ class OnDemandRequestHandler(web_protocol.RequestHandler):
                     not served
                     or not self._keepalive
                     or self._close
+                    or self._close_after_request
                     or self._force_close
                 ):
                     # The connection ends after this request, as in aiohttp.

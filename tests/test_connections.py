@@ -331,6 +331,28 @@ async def test_close_lets_request_in_progress_finish(serve: ServeFactory) -> Non
     assert closed
 
 
+async def test_close_lets_request_body_arrive(serve: ServeFactory) -> None:
+    served = await serve(keepalive_s=60.0)
+    reader, writer = await asyncio.open_connection(LOOPBACK, served.port)
+    try:
+        request = post("/upload", b"0123456789")
+        writer.write(request[:-4])
+        await writer.drain()
+        await wait_until(lambda: served.targets == ["/upload"])
+        served.server.pre_shutdown()
+        writer.write(request[-4:])
+        await writer.drain()
+        body = await read_body(reader)
+        closed = await closed_by_peer(reader)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+    assert body == b"/upload"
+    assert served.bodies == [b"0123456789"]
+    assert closed
+
+
 async def test_sweep_stops_without_connections(serve: ServeFactory) -> None:
     served = await serve(keepalive_s=0.2)
     reader, writer = await asyncio.open_connection(LOOPBACK, served.port)

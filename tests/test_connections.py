@@ -13,7 +13,7 @@ from conftest import LOOPBACK
 from proxy import connections
 from proxy.connections import IdleSweepServer, OnDemandRequestHandler
 
-# Short enough for a test, long enough that a loaded machine answers a
+# Short enough for a test, long enough that a loaded machine responds to a
 # request well within it.
 KEEPALIVE_S = 1.0
 # Four sweeps of one second each before an idle connection closes.

@@ -760,7 +760,7 @@ async def test_upload_passes_byte_identical(
 async def test_early_response_keeps_connection(
     launch_proxy: Launch, document: Document, framing: str
 ) -> None:
-    # The pod's echo path answers without reading the body, while the rest
+    # The pod's echo path responds without reading the body, while the rest
     # of the body is still on its way to the proxy.
     proxy = await launch_proxy(document)
     body = b"x" * 200_000

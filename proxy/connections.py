@@ -84,7 +84,7 @@ class IdleSweepServer(web.Server):
             )
 
     def _sweep(self) -> None:
-        """Close the connections idle past their deadline, trim the other idle ones."""
+        """Close connections idle past their deadline, drop other idle parsers."""
         now = self._loop.time()
         # An idle connection whose deadline is before this one has been idle
         # for at least a sweep interval.

@@ -407,8 +407,8 @@ class InboundServer(IdleSweepServer):
             max_field_size=limits.max_header_field_bytes,
             max_headers=limits.max_header_count,
             # The pod gets the body bytes as the client sent them, whatever
-            # Content-Encoding says. By default aiohttp 3.14 decompresses the
-            # codings it supports and forwards a length that no longer fits.
+            # their Content-Encoding. By default aiohttp 3.14 decompresses the
+            # codings it supports, and the forwarded length no longer fits.
             auto_decompress=False,
             **kwargs,
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -40,6 +41,7 @@ class Served:
 
 
 ServeFactory = Callable[..., Awaitable[Served]]
+Client = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 
 @pytest.fixture
@@ -103,6 +105,17 @@ async def read_body(reader: asyncio.StreamReader) -> bytes:
         return await reader.readexactly(length)
 
 
+@contextlib.asynccontextmanager
+async def connected(port: int) -> AsyncIterator[Client]:
+    """Open a client connection to `port`, and close it at the end."""
+    reader, writer = await asyncio.open_connection(LOOPBACK, port)
+    try:
+        yield reader, writer
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
 async def closed_by_peer(reader: asyncio.StreamReader) -> bool:
     try:
         async with asyncio.timeout(WAIT_S):
@@ -124,8 +137,7 @@ async def wait_until(condition: Callable[[], bool]) -> None:
 
 async def test_idle_connection_keeps_no_task_or_parser(serve: ServeFactory) -> None:
     served = await serve(keepalive_s=LONG_KEEPALIVE_S)
-    reader, writer = await asyncio.open_connection(LOOPBACK, served.port)
-    try:
+    async with connected(served.port) as (reader, writer):
         writer.write(get("/first"))
         assert await read_body(reader) == b"/first"
         [handler] = served.handlers()
@@ -137,9 +149,6 @@ async def test_idle_connection_keeps_no_task_or_parser(serve: ServeFactory) -> N
         assert not handler._cache
         writer.write(get("/second"))
         assert await read_body(reader) == b"/second"
-    finally:
-        writer.close()
-        await writer.wait_closed()
 
     assert served.targets == ["/first", "/second"]
 
@@ -149,8 +158,7 @@ async def test_many_connections_drop_parser_at_once(
 ) -> None:
     monkeypatch.setattr(connections, "DROP_AT_ONCE_CONNECTIONS", 1)
     served = await serve(keepalive_s=LONG_KEEPALIVE_S)
-    reader, writer = await asyncio.open_connection(LOOPBACK, served.port)
-    try:
+    async with connected(served.port) as (reader, writer):
         writer.write(get("/first"))
         assert await read_body(reader) == b"/first"
         [handler] = served.handlers()
@@ -160,15 +168,11 @@ async def test_many_connections_drop_parser_at_once(
         assert handler._parser is None
         writer.write(get("/second"))
         assert await read_body(reader) == b"/second"
-    finally:
-        writer.close()
-        await writer.wait_closed()
 
 
 async def test_partial_pipelined_head_survives_idle(serve: ServeFactory) -> None:
     served = await serve(keepalive_s=LONG_KEEPALIVE_S)
-    reader, writer = await asyncio.open_connection(LOOPBACK, served.port)
-    try:
+    async with connected(served.port) as (reader, writer):
         second = get("/second")
         writer.write(get("/first") + second[:10])
         assert await read_body(reader) == b"/first"
@@ -181,17 +185,13 @@ async def test_partial_pipelined_head_survives_idle(serve: ServeFactory) -> None
 
         writer.write(second[10:])
         assert await read_body(reader) == b"/second"
-    finally:
-        writer.close()
-        await writer.wait_closed()
 
     assert served.targets == ["/first", "/second"]
 
 
 async def test_body_split_over_reads_arrives_whole(serve: ServeFactory) -> None:
     served = await serve()
-    reader, writer = await asyncio.open_connection(LOOPBACK, served.port)
-    try:
+    async with connected(served.port) as (reader, writer):
         request = post("/upload", b"0123456789")
         writer.write(request[:-4])
         await writer.drain()
@@ -199,9 +199,6 @@ async def test_body_split_over_reads_arrives_whole(serve: ServeFactory) -> None:
         writer.write(request[-4:] + get("/after"))
         assert await read_body(reader) == b"/upload"
         assert await read_body(reader) == b"/after"
-    finally:
-        writer.close()
-        await writer.wait_closed()
 
     assert served.bodies == [b"0123456789", b""]
 
@@ -209,17 +206,13 @@ async def test_body_split_over_reads_arrives_whole(serve: ServeFactory) -> None:
 async def test_broken_stream_closes_connection(serve: ServeFactory) -> None:
     # Far beyond WAIT_S, so only the close after the error ends the read.
     served = await serve(keepalive_s=60.0)
-    reader, writer = await asyncio.open_connection(LOOPBACK, served.port)
-    try:
+    async with connected(served.port) as (reader, writer):
         writer.write(get("/broken-stream"))
         async with asyncio.timeout(WAIT_S):
             head = await reader.readuntil(b"\r\n\r\n")
         # The client must see the response cut short, not wait for the rest.
         async with asyncio.timeout(WAIT_S):
             rest = await reader.read()
-    finally:
-        writer.close()
-        await writer.wait_closed()
 
     assert head.startswith(b"HTTP/1.1 200 ")
     assert rest == b"0123456789"
@@ -228,29 +221,21 @@ async def test_broken_stream_closes_connection(serve: ServeFactory) -> None:
 async def test_pipelined_requests_answered_in_order(serve: ServeFactory) -> None:
     served = await serve()
     targets = [f"/pipelined-{number}" for number in range(40)]
-    reader, writer = await asyncio.open_connection(LOOPBACK, served.port)
-    try:
+    async with connected(served.port) as (reader, writer):
         writer.write(b"".join(get(target) for target in targets))
         answered = [(await read_body(reader)).decode() for _ in targets]
-    finally:
-        writer.close()
-        await writer.wait_closed()
 
     assert answered == targets
 
 
 async def test_idle_connection_closed_after_keepalive(serve: ServeFactory) -> None:
     served = await serve()
-    reader, writer = await asyncio.open_connection(LOOPBACK, served.port)
-    try:
+    async with connected(served.port) as (reader, writer):
         writer.write(get("/only"))
         assert await read_body(reader) == b"/only"
         started = asyncio.get_running_loop().time()
         closed = await closed_by_peer(reader)
         idle_s = asyncio.get_running_loop().time() - started
-    finally:
-        writer.close()
-        await writer.wait_closed()
 
     assert closed
     # Closed no earlier than the timeout, measured from before the read.
@@ -259,12 +244,8 @@ async def test_idle_connection_closed_after_keepalive(serve: ServeFactory) -> No
 
 async def test_silent_connection_closed_after_keepalive(serve: ServeFactory) -> None:
     served = await serve()
-    reader, writer = await asyncio.open_connection(LOOPBACK, served.port)
-    try:
+    async with connected(served.port) as (reader, _):
         closed = await closed_by_peer(reader)
-    finally:
-        writer.close()
-        await writer.wait_closed()
 
     assert closed
     await wait_until(lambda: not served.server.connections)
@@ -272,13 +253,9 @@ async def test_silent_connection_closed_after_keepalive(serve: ServeFactory) -> 
 
 async def test_request_in_progress_outlives_keepalive(serve: ServeFactory) -> None:
     served = await serve()
-    reader, writer = await asyncio.open_connection(LOOPBACK, served.port)
-    try:
+    async with connected(served.port) as (reader, writer):
         writer.write(get("/slow"))
         body = await read_body(reader)
-    finally:
-        writer.close()
-        await writer.wait_closed()
 
     assert body == b"/slow"
     assert served.cancelled == []
@@ -299,33 +276,25 @@ async def test_client_gone_cancels_handler(serve: ServeFactory) -> None:
 
 async def test_close_ends_idle_connection_at_once(serve: ServeFactory) -> None:
     served = await serve(keepalive_s=60.0)
-    reader, writer = await asyncio.open_connection(LOOPBACK, served.port)
-    try:
+    async with connected(served.port) as (reader, writer):
         writer.write(get("/first"))
         assert await read_body(reader) == b"/first"
         [handler] = served.handlers()
         await wait_until(lambda: handler._task_handler is None)
         served.server.pre_shutdown()
         closed = await closed_by_peer(reader)
-    finally:
-        writer.close()
-        await writer.wait_closed()
 
     assert closed
 
 
 async def test_close_lets_request_in_progress_finish(serve: ServeFactory) -> None:
     served = await serve(keepalive_s=0.3)
-    reader, writer = await asyncio.open_connection(LOOPBACK, served.port)
-    try:
+    async with connected(served.port) as (reader, writer):
         writer.write(get("/slow"))
         await wait_until(lambda: served.targets == ["/slow"])
         served.server.pre_shutdown()
         body = await read_body(reader)
         closed = await closed_by_peer(reader)
-    finally:
-        writer.close()
-        await writer.wait_closed()
 
     assert body == b"/slow"
     assert closed
@@ -333,8 +302,7 @@ async def test_close_lets_request_in_progress_finish(serve: ServeFactory) -> Non
 
 async def test_close_lets_request_body_arrive(serve: ServeFactory) -> None:
     served = await serve(keepalive_s=60.0)
-    reader, writer = await asyncio.open_connection(LOOPBACK, served.port)
-    try:
+    async with connected(served.port) as (reader, writer):
         request = post("/upload", b"0123456789")
         writer.write(request[:-4])
         await writer.drain()
@@ -344,9 +312,6 @@ async def test_close_lets_request_body_arrive(serve: ServeFactory) -> None:
         await writer.drain()
         body = await read_body(reader)
         closed = await closed_by_peer(reader)
-    finally:
-        writer.close()
-        await writer.wait_closed()
 
     assert body == b"/upload"
     assert served.bodies == [b"0123456789"]
@@ -355,14 +320,10 @@ async def test_close_lets_request_body_arrive(serve: ServeFactory) -> None:
 
 async def test_sweep_stops_without_connections(serve: ServeFactory) -> None:
     served = await serve(keepalive_s=0.2)
-    reader, writer = await asyncio.open_connection(LOOPBACK, served.port)
-    try:
+    async with connected(served.port) as (reader, writer):
         writer.write(get("/only"))
         assert await read_body(reader) == b"/only"
         assert served.server._sweep_handle is not None
-    finally:
-        writer.close()
-        await writer.wait_closed()
 
     await wait_until(lambda: not served.server.connections)
     await wait_until(lambda: served.server._sweep_handle is None)

@@ -17,8 +17,9 @@ so that both behave alike. Every rejection is a short JSON error with
 
 It relies on internals of aiohttp's ``RequestHandler`` (``_messages``,
 ``_ErrInfo``, ``_current_request``, ``_request_in_progress``,
-``_force_close``) and of ``StreamResponse`` (``_write_headers``), read in
-aiohttp 3.14.5.
+``_force_close``, ``_parser``) and of ``StreamResponse``
+(``_write_headers``), read in aiohttp 3.14.5, and on both parsers giving
+a request without a body the shared ``EMPTY_PAYLOAD``.
 """
 
 from __future__ import annotations
@@ -33,14 +34,21 @@ from http import HTTPStatus
 from typing import Any
 
 import orjson
-from aiohttp import HttpVersion10, HttpVersion11, StreamReader, web, web_protocol
+from aiohttp import (
+    HttpVersion10,
+    HttpVersion11,
+    StreamReader,
+    hdrs,
+    web,
+    web_protocol,
+)
 from aiohttp.http import HttpRequestParser
 from aiohttp.http_exceptions import (
-    BadHttpMessage,
     BadStatusLine,
     HttpProcessingError,
     LineTooLong,
 )
+from aiohttp.streams import EMPTY_PAYLOAD
 
 from proxy.chunks import strict_chunk_lines
 from proxy.config import ProxySettings
@@ -281,6 +289,16 @@ def raw_head_problem(head: bytes, end: int | None = None) -> str | None:
     return None
 
 
+def head_rejection(head: bytes) -> RequestRejected | None:
+    """Return the rejection of one whole raw request head, or None."""
+    rejection = request_line_rejection(head)
+    if rejection is None:
+        problem = raw_head_problem(head)
+        if problem is not None:
+            rejection = RequestRejected(400, "invalid_request", problem)
+    return rejection
+
+
 def request_target(request: web.BaseRequest) -> str:
     """Return the request target for the pod, exactly as the client sent it."""
     return request.raw_path
@@ -417,6 +435,23 @@ class InboundServer(IdleSweepServer):
         return InboundRequestHandler(self, loop=self._loop, **self._kwargs)
 
 
+# The states of a client connection's bytes, as `_follow` reads them: in a
+# request head, at the size line of a chunk, in the trailer section of a
+# chunked body, at a whole head that waits for aiohttp's message, and lost.
+_HEAD, _CHUNK_SIZE, _TRAILERS, _WAITING, _LOST = range(5)
+_LINE_ENDS = b"\r\n"
+
+
+def _error_message(
+    rejection: RequestRejected, payload: StreamReader = EMPTY_PAYLOAD
+) -> tuple[web_protocol._ErrInfo, StreamReader]:
+    """Return the queue entry that makes aiohttp respond with `rejection`."""
+    error = web_protocol._ErrInfo(
+        status=rejection.status, exc=rejection, message=rejection.message
+    )
+    return error, payload
+
+
 class _MessageQueue(list[Any]):
     """The parsed requests of one connection that wait for aiohttp's `start()`.
 
@@ -436,7 +471,7 @@ class _MessageQueue(list[Any]):
 class InboundRequestHandler(OnDemandRequestHandler):
     """aiohttp's connection handler with JSON errors and a header timeout."""
 
-    __slots__ = ("_head", "_head_timer", "_limits")
+    __slots__ = ("_head", "_head_timer", "_limits", "_mode", "_skip")
 
     def __init__(self, manager: InboundServer, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -448,6 +483,10 @@ class InboundRequestHandler(OnDemandRequestHandler):
         # until one arrives, so that an idle connection keeps no buffer.
         self._head: bytes | bytearray = b""
         self._head_timer: asyncio.TimerHandle | None = None
+        # The state of the connection's bytes after the next `_skip` bytes
+        # of a body (see `_follow`).
+        self._mode = _HEAD
+        self._skip = 0
 
     def _new_parser(self) -> HttpRequestParser:
         parser = super()._new_parser()
@@ -455,7 +494,18 @@ class InboundRequestHandler(OnDemandRequestHandler):
         return parser
 
     def can_drop_parser(self) -> bool:
-        return not self._head and super().can_drop_parser()
+        return (
+            not self._head
+            and not self._skip
+            and self._mode in (_HEAD, _LOST)
+            and super().can_drop_parser()
+        )
+
+    def drop_parser(self) -> None:
+        super().drop_parser()
+        if self._parser is None:
+            # A new parser starts at a request head, and so do the checks.
+            self._mode = _HEAD
 
     def _awaiting_head(self) -> bool:
         """Return whether the next bytes of the connection start a request head.
@@ -472,64 +522,190 @@ class InboundRequestHandler(OnDemandRequestHandler):
         )
 
     def data_received(self, data: bytes) -> None:
-        if self._force_close or self._close or not self._awaiting_head():
+        if self._force_close or self._close:
             super().data_received(data)
             return
-        queued = len(self._messages)
+        messages = self._messages
+        queued = len(messages)
         super().data_received(data)
-        if len(self._messages) == queued:
-            if self._head:
-                self._head += data
-            else:
-                self._head = bytearray(data)
-            if len(self._head) > self._limits.max_header_bytes:
-                self._close_early(
-                    431,
-                    "header_too_large",
-                    f"request head exceeds the limit of "
-                    f"{self._limits.max_header_bytes} bytes",
-                )
-            elif self._head_timer is None and self.transport is not None:
-                self._head_timer = self._loop.call_later(
-                    self._limits.header_timeout_s, self._on_head_timeout
-                )
+        if self._mode == _LOST:
             return
-
-        if self._head:
-            head = bytes(self._head) + data
+        if (
+            self._mode == _HEAD
+            and not self._skip
+            and not self._head
+            and len(messages) == queued + 1
+            and messages[queued][1] is EMPTY_PAYLOAD
+            and data.find(b"\r\n\r\n") == len(data) - 4
+            and data[0] not in _LINE_ENDS
+        ):
+            # The common case: one whole request without a body, in one piece.
+            message = messages[queued][0]
+            if not isinstance(message, web_protocol._ErrInfo) and not message.upgrade:
+                problem = head_rejection(data)
+                if problem is None:
+                    if self._head_timer is not None:
+                        self._cancel_head_timer()
+                    return
+        found = self._follow(data, queued)
+        if found is not None:
+            position, error, offset = found
+            for _ in range(len(messages) - position):
+                messages.pop()
+            if error is None:
+                # The messages after the trailers came from the old parser.
+                self.data_received(data[offset:])
+                return
+            messages.append(error)
+            self._mode = _LOST
             self._head = b""
-        else:
-            head = data
-        self._cancel_head_timer()
-        payload = self._messages[-1][1]
-        rejection = request_line_rejection(head)
-        if rejection is not None:
-            self._replace_messages(queued, rejection, payload)
+            self._cancel_head_timer()
             return
-        problem = raw_head_problem(head, head.find(b"\r\n\r\n") + 2)
-        if problem is not None:
-            # Replace what this data produced with one error. aiohttp responds
-            # to it through handle_error and then closes the connection.
-            for _ in range(len(self._messages) - queued):
-                self._messages.pop()
-            error = BadHttpMessage(problem)
-            self._messages.append(
-                (
-                    web_protocol._ErrInfo(status=400, exc=error, message=problem),
-                    payload,
-                )
+        if self._mode != _HEAD or not self._head:
+            self._cancel_head_timer()
+            return
+        # An incomplete head.
+        if len(self._head) > self._limits.max_header_bytes:
+            too_large = (
+                f"request head exceeds the limit of "
+                f"{self._limits.max_header_bytes} bytes"
+            )
+            if self._awaiting_head():
+                self._close_early(431, "header_too_large", too_large)
+            else:
+                # Behind a request in progress, which the error follows.
+                rejected = RequestRejected(431, "header_too_large", too_large)
+                self._messages.append(_error_message(rejected))
+                self._mode = _LOST
+                self._head = b""
+        elif (
+            self._head_timer is None
+            and self.transport is not None
+            and self._awaiting_head()
+        ):
+            self._head_timer = self._loop.call_later(
+                self._limits.header_timeout_s, self._on_head_timeout
             )
 
-    def _replace_messages(
-        self, queued: int, rejection: RequestRejected, payload: StreamReader
-    ) -> None:
-        """Replace the messages after the first `queued` with one rejection."""
-        for _ in range(len(self._messages) - queued):
-            self._messages.pop()
-        error = web_protocol._ErrInfo(
-            status=rejection.status, exc=rejection, message=rejection.message
-        )
-        self._messages.append((error, payload))
+    def _follow(self, data: bytes, queued: int) -> tuple[int, Any, int] | None:
+        """Follow `data` through the request heads and bodies of the connection.
+
+        Each head that `data` completes is checked raw, with the message
+        that aiohttp parsed from it, the queued message at `position`.
+        Returns None when every head passed. Otherwise returns the position
+        in the queue from which the messages are replaced, the rejection
+        that replaces them, and the offset in `data` from which a new
+        parser reads again when the rejection is None.
+        """
+        messages = self._messages
+        position = queued
+        if self._mode == _WAITING:
+            # The bytes from the waiting head on were not followed yet.
+            data = bytes(self._head) + data
+            self._head = b""
+            self._mode = _HEAD
+        pos = 0
+        end = len(data)
+        while pos < end:
+            skip = self._skip
+            if skip:
+                step = min(skip, end - pos)
+                self._skip = skip - step
+                pos += step
+                continue
+            mode = self._mode
+            buffered = len(self._head)
+            if buffered:
+                # Extended in place, so that a head in many small writes
+                # is not copied again with each.
+                chunk: bytes | bytearray = self._head
+                search_from = max(buffered - 3, 0)
+                if pos:
+                    chunk += data[pos:]
+                else:
+                    chunk += data
+            else:
+                if mode == _HEAD:
+                    # Empty lines before a request line are skipped.
+                    while pos < end and data[pos] in _LINE_ENDS:
+                        pos += 1
+                    if pos == end:
+                        break
+                chunk = data[pos:] if pos else data
+                search_from = 0
+            if mode == _CHUNK_SIZE:
+                stop = chunk.find(b"\r\n", search_from)
+                if stop < 0:
+                    self._head = bytearray(chunk) if not buffered else chunk
+                    break
+                self._head = b""
+                pos += stop + 2 - buffered
+                try:
+                    size = int(chunk[:stop].partition(b";")[0], 16)
+                except ValueError:
+                    # The parser failed the body as well.
+                    self._mode = _LOST
+                    break
+                if size:
+                    self._skip = size + 2
+                else:
+                    self._mode = _TRAILERS
+                continue
+            if mode == _TRAILERS and chunk[:2] == b"\r\n":
+                self._head = b""
+                pos += 2 - buffered
+                self._mode = _HEAD
+                continue
+            stop = chunk.find(b"\r\n\r\n", search_from)
+            if stop < 0:
+                self._head = bytearray(chunk) if not buffered else chunk
+                break
+            self._head = b""
+            pos += stop + 4 - buffered
+            if mode == _TRAILERS:
+                self._mode = _HEAD
+                # aiohttp's C parser (3.14.5) adds the last trailer field to
+                # the headers of the next request. A new parser starts clean.
+                self._parser = self._new_parser()
+                if pos < end:
+                    return position, None, pos
+                continue
+            # A whole request head, from `mode` _HEAD or _WAITING.
+            if position == len(messages):
+                # The parser queued no message for it yet, as it stops at a
+                # full queue. It is checked when the message comes.
+                self._head = chunk
+                self._mode = _WAITING
+                return None
+            head = chunk if not buffered and pos == end else bytes(chunk[: stop + 4])
+            assert isinstance(head, bytes)
+            message = messages[position][0]
+            problem = head_rejection(head)
+            if problem is not None:
+                return position, _error_message(problem, messages[position][1]), 0
+            position += 1
+            self._mode = _HEAD
+            if (
+                isinstance(message, web_protocol._ErrInfo)
+                or message.upgrade
+                or message.method == hdrs.METH_CONNECT
+            ):
+                # The connection closes after the error, and the bytes
+                # after an upgrade belong to the tunnel.
+                self._mode = _LOST
+                break
+            if message.chunked:
+                self._mode = _CHUNK_SIZE
+            else:
+                length = message.headers.get(hdrs.CONTENT_LENGTH)
+                if length:
+                    self._skip = int(length)
+        if position != len(messages):
+            # aiohttp queued a message where no head was found: stop checking
+            # rather than check the wrong bytes.
+            self._mode = _LOST
+            self._head = b""
+        return None
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._cancel_head_timer()
@@ -542,7 +718,7 @@ class InboundRequestHandler(OnDemandRequestHandler):
 
     def _on_head_timeout(self) -> None:
         self._head_timer = None
-        if self._awaiting_head() and self._head:
+        if self._awaiting_head() and self._mode == _HEAD and self._head:
             self._close_early(
                 408,
                 "header_timeout",

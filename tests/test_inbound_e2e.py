@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import gzip
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -1164,3 +1165,209 @@ async def test_pipelined_requests_answered_in_order(proxy: Proxy, count: int) ->
         await writer.wait_closed()
 
     assert answered == targets
+
+
+def chunked_post(uid: str, target: str, body: bytes) -> bytes:
+    """Return a POST with `body` in two chunks."""
+    half = len(body) // 2
+    chunks = b"".join(
+        b"%x\r\n%s\r\n" % (len(part), part) for part in (body[:half], body[half:])
+    )
+    return head(uid, target, "Transfer-Encoding: chunked\r\n", "POST") + (
+        chunks + b"0\r\n\r\n"
+    )
+
+
+def first_request(kind: str, marker: str) -> bytes:
+    """Return the first request of `kind`: without a body, or with one of 10 bytes."""
+    target = f"/{marker}-first"
+    if kind == "no-body":
+        return head(marker, target)
+    if kind == "content-length":
+        return head(marker, target, "Content-Length: 10\r\n", "POST") + b"0123456789"
+    return chunked_post(marker, target, b"0123456789")
+
+
+@pytest.mark.parametrize("kind", ["no-body", "content-length", "chunked"])
+@pytest.mark.parametrize(
+    "cut", ["in-method", "in-target", "in-version", "in-header", "in-end", "in-body"]
+)
+async def test_pipelined_head_completed_after_response(
+    proxy: Proxy, pod: RecordPod, kind: str, cut: str
+) -> None:
+    # The first part of the second head arrives behind the first request,
+    # part of it with the last bytes of the first body, and the rest only
+    # after the response to the first request.
+    marker = f"split-{kind}-{cut}"
+    first = first_request(kind, marker)
+    second = head(marker, f"/{marker}-second", "Content-Length: 2\r\n", "POST")
+    second += b"ok"
+    offset = {
+        "in-method": 2,
+        "in-target": 8,
+        "in-version": second.index(b" HTTP/1.1") + 4,
+        "in-header": second.index(b"X-Uid:") + 3,
+        "in-end": len(second) - 3,
+        "in-body": len(second) - 1,
+    }[cut]
+    start, rest = second[:offset], second[offset:]
+    mark = pod.mark()
+    reader, writer = await asyncio.open_connection(LOOPBACK, proxy.port)
+    try:
+        writer.write(first[:-4])
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(first[-4:] + start)
+        async with asyncio.timeout(RAW_TIMEOUT_S):
+            first_status, _, first_body = await read_response(reader)
+            writer.write(rest)
+            second_status, _, second_body = await read_response(reader)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+    assert first_status == 200
+    assert json.loads(first_body)["target"] == f"/{marker}-first"
+    assert second_status == 200, second_body
+    assert json.loads(second_body)["target"] == f"/{marker}-second"
+    assert len(reaching(pod, mark, marker)) == 2
+
+
+PIPELINED_REJECTIONS = {
+    "chunked-with-tab": (
+        lambda target: (
+            head("pipe", target, "Transfer-Encoding: chunked\t\r\n") + b"0\r\n\r\n"
+        ),
+        "Transfer-Encoding",
+    ),
+    # The Python parser rejects the whole segment itself, as a bad method.
+    "no-version": (lambda target: f"GET {target}\r\nHost: x\r\n\r\n".encode(), ""),
+}
+
+
+@pytest.mark.parametrize("case", list(PIPELINED_REJECTIONS))
+async def test_pipelined_head_checked_like_first(
+    proxy: Proxy, pod: RecordPod, case: str
+) -> None:
+    second_head, reason = PIPELINED_REJECTIONS[case]
+    marker = f"pipe-{case}"
+    second = second_head(f"/{marker}-second")
+    mark = pod.mark()
+
+    data = await read_until_closed(proxy.port, head(marker, f"/{marker}") + second)
+
+    _, _, rejected = data.partition(b"HTTP/1.1 400 ")
+    status_line, headers, body = parse_raw(b"HTTP/1.1 400 " + rejected)
+    assert status_line == "HTTP/1.1 400 Bad Request"
+    assert headers.get("Connection") == "close"
+    assert json.loads(body)["error"] == "invalid_request"
+    assert reason in json.loads(body)["message"]
+    assert reaching(pod, mark, f"{marker}-second") == []
+
+
+@pytest.mark.parametrize("seed", range(6))
+async def test_pipelined_stream_cut_anywhere_answered(
+    proxy: Proxy, pod: RecordPod, seed: int
+) -> None:
+    # Bodies that contain blank lines and request-like bytes, cut into writes
+    # at random places, some of which arrive while a request is served.
+    marker = f"cut-anywhere-{seed}"
+    inner = b"\r\n\r\nGET /not-a-request HTTP/1.1\r\n\r\n"
+    requests = [
+        head(marker, f"/{marker}-0"),
+        head(marker, f"/{marker}-1", f"Content-Length: {len(inner)}\r\n", "POST")
+        + inner,
+        chunked_post(marker, f"/{marker}-2", inner),
+        head(marker, f"/{marker}-3", "Transfer-Encoding: chunked\r\n", "POST")
+        + b"4\r\nbody\r\n0\r\nX-Trailer: 1\r\n\r\n",
+        head(marker, f"/{marker}-4"),
+    ]
+    stream = b"".join(requests)
+    chooser = random.Random(seed)
+    cuts = sorted(chooser.sample(range(1, len(stream)), 12))
+    bounds = [0, *cuts, len(stream)]
+    parts = [stream[a:b] for a, b in itertools.pairwise(bounds)]
+    mark = pod.mark()
+    reader, writer = await asyncio.open_connection(LOOPBACK, proxy.port)
+    try:
+        for part in parts:
+            writer.write(part)
+            await writer.drain()
+            await asyncio.sleep(chooser.choice([0, 0.001, 0.005]))
+        answered = []
+        async with asyncio.timeout(RAW_TIMEOUT_S):
+            for _ in requests:
+                status, _, body = await read_response(reader)
+                assert status == 200, body
+                answered.append(json.loads(body)["target"])
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+    assert answered == [f"/{marker}-{number}" for number in range(len(requests))]
+    assert "not-a-request" not in json.dumps(pod.records_since(mark))
+
+
+async def test_pipelined_head_beyond_limit_gets_431(
+    proxy: Proxy, pod: RecordPod
+) -> None:
+    # The second head grows past proxy.max_header_bytes (64 KiB by default)
+    # without ending, while the first request still waits for its body.
+    marker = "limit-pipelined"
+    first = head(marker, f"/{marker}-first", "Content-Length: 10\r\n", "POST")
+    second = head(marker, f"/{marker}-second")[:-2]
+    second += "".join(f"X-Part-{n}: {'p' * 30000}\r\n" for n in range(3)).encode()
+    mark = pod.mark()
+    reader, writer = await asyncio.open_connection(LOOPBACK, proxy.port)
+    try:
+        writer.write(first + b"01234")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(b"56789" + second)
+        async with asyncio.timeout(RAW_TIMEOUT_S):
+            first_status, _, first_body = await read_response(reader)
+            second_status, headers, second_body = await read_response(reader)
+        closed = await is_closed(reader)
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+    assert first_status == 200
+    assert json.loads(first_body)["target"] == f"/{marker}-first"
+    assert second_status == 431
+    assert headers.get("Connection") == "close"
+    assert json.loads(second_body)["error"] == "header_too_large"
+    assert closed
+    assert reaching(pod, mark, f"{marker}-second") == []
+
+
+@pytest.mark.parametrize("pipelined", [True, False], ids=["pipelined", "later"])
+async def test_trailer_stays_out_of_next_request(
+    proxy: Proxy, pod: RecordPod, pipelined: bool
+) -> None:
+    # aiohttp 3.14.5's C parser adds the last trailer field of a chunked body
+    # to the headers of the next request on the connection.
+    marker = f"trailer-{'pipelined' if pipelined else 'later'}"
+    first = head(marker, f"/{marker}-first", "Transfer-Encoding: chunked\r\n", "POST")
+    first += b"4\r\nbody\r\n0\r\nX-Leaked: 1\r\nX-Leaked-Last: 1\r\n\r\n"
+    second = head(marker, f"/{marker}-second")
+    reader, writer = await asyncio.open_connection(LOOPBACK, proxy.port)
+    try:
+        async with asyncio.timeout(RAW_TIMEOUT_S):
+            if pipelined:
+                writer.write(first + second)
+                first_status, _, _ = await read_response(reader)
+            else:
+                writer.write(first)
+                first_status, _, _ = await read_response(reader)
+                writer.write(second)
+            second_status, _, second_body = await read_response(reader)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+    assert first_status == 200
+    assert second_status == 200
+    assert json.loads(second_body)["target"] == f"/{marker}-second"
+    assert "X-Leaked" not in second_body.decode()

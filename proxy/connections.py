@@ -304,7 +304,10 @@ class OnDemandRequestHandler(web_protocol.RequestHandler):
                 # early has it cancelled, which takes effect in the next
                 # iteration of the loop, so the body is drained only after it.
                 await asyncio.sleep(0)
-                await self._linger(loop, payload)
+                if self.lingers_after(response):
+                    await self._linger(loop, payload)
+                else:
+                    self.force_close()
             payload.set_exception(web_protocol._PAYLOAD_ACCESS_ERROR)
         except asyncio.CancelledError:
             self.log_debug("client went away before its response")
@@ -320,6 +323,14 @@ class OnDemandRequestHandler(web_protocol.RequestHandler):
             # The request refers to the task; breaking that cycle lets both
             # go as soon as the request ends.
             request._task = None
+        return True
+
+    def lingers_after(self, response: web.StreamResponse) -> bool:
+        """Return whether the unread body is read on after `response`.
+
+        Reading on lets the client see the response instead of a reset.
+        When this returns False, the connection closes at once.
+        """
         return True
 
     async def _linger(

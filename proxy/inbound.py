@@ -507,6 +507,11 @@ class InboundRequestHandler(OnDemandRequestHandler):
             # A new parser starts at a request head, and so do the checks.
             self._mode = _HEAD
 
+    def lingers_after(self, response: web.StreamResponse) -> bool:
+        # A client whose body stalled for body_timeout_s gets its 408 and
+        # the close, instead of a wait of up to aiohttp's lingering_time.
+        return not (isinstance(response, _ErrorResponse) and response.status == 408)
+
     def _awaiting_head(self) -> bool:
         """Return whether the next bytes of the connection start a request head.
 

@@ -792,6 +792,9 @@ async def test_stalled_body_gets_408(proxy: Proxy, pod: RecordPod, method: str) 
         await writer.drain()
         async with asyncio.timeout(RAW_TIMEOUT_S):
             status, headers, body = await read_response(reader)
+        # Closed at once, well before aiohttp's lingering time of 10 s.
+        async with asyncio.timeout(5):
+            rest = await reader.read()
     finally:
         writer.close()
         await writer.wait_closed()
@@ -799,6 +802,7 @@ async def test_stalled_body_gets_408(proxy: Proxy, pod: RecordPod, method: str) 
     assert status == 408
     assert json.loads(body)["error"] == "body_timeout"
     assert headers.get("Connection") == "close"
+    assert rest == b""
     events = [r["event"] for r in reaching(pod, mark, marker)]
     assert "request" not in events
     if method == "POST":

@@ -6,9 +6,14 @@ of a redis-server that the script starts on a free loopback port (Redis
 persistence off). It sends a request on each of ``--connections``
 new keep-alive connections (10,000 by default) and leaves them open and
 idle. Then it reports the proxy's resident memory (VmRSS of
-``/proc/<pid>/status``) before and after, and per connection. The idle
-connections stay open for the measurement, well within the proxy's
-keep-alive timeout (``proxy.keepalive_timeout_s``, 75 s by default).
+``/proc/<pid>/status``) before, `SETTLE_S` after, and ``--late-s`` seconds
+after the last connection opened, and per connection. The late measurement
+comes after the proxy closed the store and pod connections that the burst
+left idle (``store.redis_idle_timeout_s`` and
+``proxy.upstream_idle_timeout_s``, 30 s by default) and forgot the recent
+invalidations of the Redis store. The idle connections stay open for both,
+within the proxy's keep-alive timeout (``proxy.keepalive_timeout_s``, 75 s
+by default).
 
 Each connection is a new user, so ``--open-concurrency`` (200 by default)
 also sets how many store and pod connections the proxy opens at the peak,
@@ -44,6 +49,9 @@ MAX_CONNECTIONS = 30_000
 MAX_OPEN_CONCURRENCY = 1_000
 READY_TIMEOUT_S = 20.0
 SETTLE_S = 3.0
+# The proxy closes idle keep-alive connections after 75 s by default, so
+# the late measurement must come well before.
+MAX_LATE_S = 60.0
 REQUEST = b"GET / HTTP/1.1\r\nHost: bench\r\nX-Uid: idle-%d\r\n\r\n"
 
 
@@ -156,19 +164,28 @@ async def open_idle(
 
 
 async def measure(
-    proxy_pid: int, port: int, count: int, concurrency: int
-) -> tuple[float, float]:
+    proxy_pid: int, port: int, count: int, concurrency: int, late_s: float
+) -> tuple[float, float, float | None]:
+    """Return the RSS before, `SETTLE_S` after and `late_s` after the burst.
+
+    The last is None when `late_s` is 0.
+    """
     # A few requests first, so the before value includes the warm paths.
     for writer in await open_idle(port, 10, concurrency):
         writer.close()
     await asyncio.sleep(SETTLE_S)
     before = rss_mb(proxy_pid)
     writers = await open_idle(port, count, concurrency)
+    opened_at = time.monotonic()
     await asyncio.sleep(SETTLE_S)
     after = rss_mb(proxy_pid)
+    late = None
+    if late_s > 0:
+        await asyncio.sleep(max(0.0, opened_at + late_s - time.monotonic()))
+        late = rss_mb(proxy_pid)
     for writer in writers:
         writer.close()
-    return before, after
+    return before, after, late
 
 
 def main() -> int:
@@ -194,7 +211,20 @@ def main() -> int:
         f"1 to {MAX_OPEN_CONCURRENCY}; each is a new user, so this is also "
         "the peak of the proxy's store and pod connections (default: %(default)s)",
     )
+    parser.add_argument(
+        "--late-s",
+        type=float,
+        default=35.0,
+        help="time of the late measurement, in seconds after the last connection "
+        "opened, "
+        f"{SETTLE_S:g} to {MAX_LATE_S:g}, or 0 to skip it (default: %(default)s)",
+    )
     arguments = parser.parse_args()
+    late_s = arguments.late_s
+    if late_s != 0 and not SETTLE_S <= late_s <= MAX_LATE_S:
+        parser.error(
+            f"--late-s {late_s:g}: expected 0 or {SETTLE_S:g} to {MAX_LATE_S:g}"
+        )
     count = arguments.connections
     concurrency = arguments.open_concurrency
     if not 1 <= concurrency <= MAX_OPEN_CONCURRENCY:
@@ -234,7 +264,9 @@ def main() -> int:
             )
             started.append(proxy)
             wait_listening(port, proxy, "proxy")
-            before, after = asyncio.run(measure(proxy.pid, port, count, concurrency))
+            before, after, late = asyncio.run(
+                measure(proxy.pid, port, count, concurrency, late_s)
+            )
         finally:
             # The proxy stops before its store, so it does not log an outage.
             for process in reversed(started):
@@ -247,8 +279,12 @@ def main() -> int:
         f"opened {concurrency} at a time)"
     )
     print(f"proxy RSS before: {before:.1f} MiB")
-    print(f"proxy RSS after:  {after:.1f} MiB")
+    print(f"proxy RSS after:  {after:.1f} MiB ({SETTLE_S:g} s after the burst)")
     print(f"per connection:   {per_connection_kb:.1f} KiB")
+    if late is not None:
+        late_kb = (late - before) * 1024 / count
+        print(f"proxy RSS late:   {late:.1f} MiB ({late_s:g} s after the burst)")
+        print(f"per connection:   {late_kb:.1f} KiB")
     return 0
 
 

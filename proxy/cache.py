@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Collection
 
 _Key = tuple[str, str, str]
+
+# Maximum seconds between two removals of expired entries by `run_expiry`.
+_EXPIRY_PERIOD_MAX_S = 5.0
+# A dict keeps its table after deletes, so the entries are copied into a
+# new dict once they shrank to a quarter of their peak, if that peak was
+# at least this many entries.
+_SHRINK_MIN_PEAK = 1024
 
 
 class LinkCache:
@@ -13,7 +22,8 @@ class LinkCache:
 
     Entries live shorter than temporary links, so a cached pod never outlives
     its link in the store by more than the difference. When the cache contains
-    `max_size` entries, the oldest entry is dropped first.
+    `max_size` entries, the oldest entry is dropped first. An expired entry
+    is dropped when it is read, or by `remove_expired`.
 
     :param ttl_s: lifetime of an entry in seconds; 0 disables the cache.
     :param max_size: maximum number of entries; 0 disables the cache.
@@ -29,7 +39,11 @@ class LinkCache:
         self._ttl_s = ttl_s
         self._max_size = max_size
         self._clock = clock
+        # Insertion order is expiry order, because `put` inserts again and
+        # every entry lives `ttl_s`.
         self._entries: dict[_Key, tuple[int, float]] = {}
+        # Maximum entry count since the dict was last copied.
+        self._peak = 0
         self.hits = 0
         self.misses = 0
         # Set while the entries cannot be trusted, for example while the
@@ -97,8 +111,44 @@ class LinkCache:
         if len(self._entries) >= self._max_size:
             del self._entries[next(iter(self._entries))]
         self._entries[key] = (pod, self._clock() + self._ttl_s)
+        self._peak = max(self._peak, len(self._entries))
         if self.on_put is not None:
             self.on_put(key)
+
+    def remove_expired(self) -> int:
+        """Drop the expired entries, and shrink the dict after a burst.
+
+        Returns how many entries it dropped. It scans from the oldest entry
+        and stops at the first one that has not expired.
+        """
+        now = self._clock()
+        expired: list[_Key] = []
+        for key, (_, expires_at) in self._entries.items():
+            if expires_at > now:
+                break
+            expired.append(key)
+        for key in expired:
+            del self._entries[key]
+        if self._peak >= _SHRINK_MIN_PEAK and len(self._entries) * 4 <= self._peak:
+            # dict() sizes the new table for the remaining entries.
+            self._entries = dict(self._entries)
+            self._peak = len(self._entries)
+        return len(expired)
+
+    async def run_expiry(self, stopping: asyncio.Event) -> None:
+        """Run `remove_expired` periodically until `stopping` is set.
+
+        Without it, the entries of users who do not come back would stay
+        until `max_size` newer entries push them out.
+        """
+        if not self.enabled:
+            return
+        period_s = min(_EXPIRY_PERIOD_MAX_S, self._ttl_s / 4)
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), period_s)
+                return
+            self.remove_expired()
 
     def drop(self, key: _Key) -> None:
         """Forget the entry of `key`, if any."""

@@ -109,6 +109,10 @@ class StoreSettings:
     redis_connect_timeout_s: float = _setting(1.0, above=0)
     redis_retries: int = _setting(2, low=0, high=10)
     redis_max_connections: int = _setting(256, low=1)
+    # Pool connections idle longer than this are closed, down to
+    # redis_min_idle_connections, and 0 keeps them open.
+    redis_idle_timeout_s: float = _setting(30.0, low=0)
+    redis_min_idle_connections: int = _setting(4, low=0)
     temporary_link_ttl_s: float = _setting(300.0, above=0)
     local_cache_ttl_s: float = _setting(240.0, low=0)
     local_cache_size: int = _setting(100_000, low=0)

@@ -19,7 +19,11 @@ request a miss. Instead the invalidated keys that have an entry are read
 again with one pipelined GET per batch, and an entry whose pod differs
 from the link, or whose link is gone, is dropped. An invalidation that
 arrives while the key's store read is still in flight is remembered for
-``_RECENT_S``, and the entry that read then caches is checked the same way.
+``_RECENT_S`` to twice that, and the entry that read then caches is
+checked the same way. Invalidated keys are remembered by their hash in two
+sets, the current one and the previous one, and the previous one is
+dropped every ``_RECENT_S``, so a burst of new users leaves nothing behind
+once it is over. A hash collision only costs one more read.
 
 Failure modes:
 
@@ -65,7 +69,8 @@ _RECONNECT_MAX_S = 5.0
 # that key check the link again. It covers a store read in flight when the
 # link changed, which lasts at most one store timeout with its retries.
 _RECENT_S = 5.0
-_MAX_RECENT = 100_000
+# Maximum keys in one set. A full set starts the next one early.
+_MAX_RECENT = 50_000
 
 _Key = tuple[str, str, str]
 
@@ -97,6 +102,8 @@ class Invalidator:
     :param store: the link store, used to read invalidated links again.
     :param cache: the cache to keep coherent; suspended until subscribed.
     :param clock: returns monotonic seconds.
+    :param recent_s: seconds for which an invalidation of a key makes a
+        `put` of that key check the link, from `recent_s` up to twice that.
     """
 
     def __init__(
@@ -106,12 +113,18 @@ class Invalidator:
         cache: LinkCache,
         *,
         clock: Callable[[], float] = time.monotonic,
+        recent_s: float = _RECENT_S,
     ) -> None:
         self._pool = pool
         self._store = store
         self._cache = cache
         self._clock = clock
-        self._recent: dict[_Key, float] = {}
+        self._recent_s = recent_s
+        # Hashes of the keys invalidated since `_recent_since`, and of those
+        # invalidated during the `recent_s` before it.
+        self._recent: set[int] = set()
+        self._older: set[int] = set()
+        self._recent_since = clock()
         self._pending: set[_Key] = set()
         self._check_task: asyncio.Task[None] | None = None
         self.connected = False
@@ -152,6 +165,7 @@ class Invalidator:
                 await asyncio.wait_for(stopping.wait(), backoff_s)
             except TimeoutError:
                 backoff_s = min(backoff_s * 2, _RECONNECT_MAX_S)
+            self._expire_recent(self._clock())
         await self._close()
 
     async def _close(self) -> None:
@@ -179,6 +193,9 @@ class Invalidator:
             message = await connection.read_response(
                 timeout=_PING_PERIOD_S, push_request=True
             )
+            # This loop wakes at least every _PING_PERIOD_S, so it also
+            # drops the expired invalidations after a burst.
+            self._expire_recent(self._clock())
             if message is None:
                 silence_s = self._clock() - last_reply
                 if silence_s > _SILENCE_LIMIT_S:
@@ -252,25 +269,42 @@ class Invalidator:
                 self._pending.add(key)
         self._schedule_check()
 
+    @property
+    def remembered_keys(self) -> int:
+        """Count of the remembered invalidations, whose keys a `put` checks."""
+        return len(self._recent) + len(self._older)
+
     def _remember(self, key: _Key, now: float) -> None:
-        recent = self._recent
-        recent.pop(key, None)
-        # Insertion order is expiry order, so expired entries are in front.
-        while recent:
-            oldest = next(iter(recent))
-            if recent[oldest] > now and len(recent) < _MAX_RECENT:
-                break
-            del recent[oldest]
-        recent[key] = now + _RECENT_S
+        self._expire_recent(now)
+        if len(self._recent) >= _MAX_RECENT:
+            self._older = self._recent
+            self._recent = set()
+            self._recent_since = now
+        self._recent.add(hash(key))
+
+    def _expire_recent(self, now: float) -> None:
+        """Drop the invalidations older than `recent_s` to twice that.
+
+        Every `recent_s` the current set becomes the previous one, and the
+        previous one is dropped with its table, which a set keeps after
+        deletes.
+        """
+        age_s = now - self._recent_since
+        if age_s < self._recent_s:
+            return
+        if not self._recent and not self._older:
+            self._recent_since = now
+            return
+        # After two periods without a rotation, both sets are expired.
+        self._older = self._recent if age_s < 2 * self._recent_s else set()
+        self._recent = set()
+        self._recent_since = now
 
     def _after_put(self, key: _Key) -> None:
-        if not self._recent:
+        if not self._recent and not self._older:
             return
-        until = self._recent.get(key)
-        if until is None:
-            return
-        if until <= self._clock():
-            del self._recent[key]
+        key_hash = hash(key)
+        if key_hash not in self._recent and key_hash not in self._older:
             return
         self._pending.add(key)
         self._schedule_check()

@@ -73,6 +73,8 @@ RESTART_SETTINGS: Mapping[str, tuple[str, ...]] = {
         "redis_connect_timeout_s",
         "redis_retries",
         "redis_max_connections",
+        "redis_idle_timeout_s",
+        "redis_min_idle_connections",
         "local_cache_ttl_s",
         "local_cache_size",
     ),

@@ -71,6 +71,8 @@ def create_store(settings: StoreSettings) -> LinkStore:
             connect_timeout_s=settings.redis_connect_timeout_s,
             retries=settings.redis_retries,
             max_connections=settings.redis_max_connections,
+            idle_timeout_s=settings.redis_idle_timeout_s,
+            min_idle_connections=settings.redis_min_idle_connections,
         )
     return MemoryStore()
 
@@ -169,6 +171,8 @@ class ProxyServer:
         """
         await self.store.ping()
         await self._start_invalidation()
+        self._start_idle_trim()
+        self._background_task(self.cache.run_expiry(self._stopping), "cache-expiry")
         proxy = self.config.proxy
         self._upstream = UpstreamPool(
             proxy.upstream_connections_per_pod, proxy.upstream_idle_timeout_s
@@ -241,6 +245,12 @@ class ProxyServer:
                 self.invalidator.first_round.wait(),
                 settings.redis_connect_timeout_s + 1.0,
             )
+
+    def _start_idle_trim(self) -> None:
+        """Close the Redis connections that a burst of store calls left idle."""
+        run_idle_trim = getattr(self.store, "run_idle_trim", None)
+        if callable(run_idle_trim):
+            self._background_task(run_idle_trim(self._stopping), "redis-idle-trim")
 
     @property
     def _access_log(self) -> dict[str, Any]:

@@ -209,6 +209,25 @@ def test_environment_overrides_file() -> None:
     assert config.admin.enabled is False
 
 
+def test_redis_idle_trim_settings() -> None:
+    defaults = parse_config(minimal(), environ={}).store
+    environ = {
+        "STATEFUL_ROUTE_STORE_REDIS_IDLE_TIMEOUT_S": "0",
+        "STATEFUL_ROUTE_STORE_REDIS_MIN_IDLE_CONNECTIONS": "16",
+    }
+    overridden = parse_config(minimal(), environ=environ).store
+    problems = problems_of(
+        minimal(store={"redis_idle_timeout_s": -1, "redis_min_idle_connections": -1})
+    )
+
+    assert defaults.redis_idle_timeout_s == 30
+    assert defaults.redis_min_idle_connections == 4
+    assert overridden.redis_idle_timeout_s == 0
+    assert overridden.redis_min_idle_connections == 16
+    assert "store.redis_idle_timeout_s = -1.0: must be >= 0" in problems
+    assert "store.redis_min_idle_connections = -1: must be >= 0" in problems
+
+
 def test_invalid_environment_value_is_named() -> None:
     problems = problems_of(minimal(), environ={"STATEFUL_ROUTE_PROXY_PORT": "high"})
 

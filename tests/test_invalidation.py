@@ -4,14 +4,16 @@ Two ``stateful-route run`` processes share one real redis-server and the
 pod processes of ``tests/test_e2e.py``. A link changed through one proxy's
 admin API, or by a raw SET, must reach the other proxy's routing within a
 bounded wait, and a killed invalidation connection must flush the cache and
-come back.
+come back. The first tests run one `Invalidator` in the test process on
+that redis-server.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +38,11 @@ from test_e2e import (
     stop_process,
 )
 
+from proxy.cache import LinkCache
 from proxy.hashing import rank
-from proxy.invalidation import parse_link_key
+from proxy.invalidation import Invalidator, parse_link_key
 from proxy.pods import Pod, parse_address
+from proxy.store import RedisStore
 from proxy.store.keys import link_key
 
 NAMESPACE = "default"
@@ -168,6 +172,84 @@ def test_parse_link_key_cases(key: str, expected: tuple[str, str, str] | None) -
 def test_parse_link_key_round_trip() -> None:
     key = link_key("team-a", "user:42", "chat")
     assert parse_link_key(key) == ("team-a", "chat", "user:42")
+
+
+# One Invalidator in this process, on the shared Redis.
+
+
+@pytest.fixture
+async def store(redis_server: RedisServer) -> AsyncIterator[RedisStore]:
+    store = RedisStore(redis_server.url)
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+@asynccontextmanager
+async def running_invalidator(
+    store: RedisStore, cache: LinkCache, recent_s: float = 5.0
+) -> AsyncIterator[Invalidator]:
+    """Run an Invalidator of `cache` until the block ends, once subscribed."""
+    invalidator = Invalidator(
+        store.invalidation_pool(1.0), store, cache, recent_s=recent_s
+    )
+    stopping = asyncio.Event()
+    task = asyncio.create_task(invalidator.run(stopping))
+    try:
+        await asyncio.wait_for(invalidator.first_round.wait(), RECONNECT_TIMEOUT_S)
+        assert invalidator.connected, "the invalidation connection did not subscribe"
+        yield invalidator
+    finally:
+        stopping.set()
+        await task
+
+
+async def wait_until(condition: Callable[[], bool]) -> bool:
+    """Return whether `condition` is true within the bounded propagation wait."""
+    deadline = time.monotonic() + PROPAGATION_TIMEOUT_S
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
+
+
+async def test_invalidation_before_put_drops_stale_entry(
+    store: RedisStore, redis_client: redis.asyncio.Redis
+) -> None:
+    cache = LinkCache(240.0, 1000)
+    key = (NAMESPACE, SERVICE, "reader")
+    async with running_invalidator(store, cache) as invalidator:
+        await redis_client.set(link_key(NAMESPACE, "reader", SERVICE), "2")
+        received = await wait_until(lambda: invalidator.invalidated_keys >= 1)
+        # A store read that began before the SET caches the pod it read.
+        cache.put(key, 1)
+        dropped = await wait_until(lambda: cache.peek(key) is None)
+
+    assert received
+    assert dropped
+    assert invalidator.dropped_entries == 1
+
+
+async def test_burst_of_invalidations_is_forgotten(
+    store: RedisStore, redis_client: redis.asyncio.Redis
+) -> None:
+    cache = LinkCache(240.0, 1000)
+    keys = [link_key(NAMESPACE, f"burst-{index}", SERVICE) for index in range(300)]
+    async with running_invalidator(store, cache, recent_s=0.2) as invalidator:
+        async with redis_client.pipeline(transaction=False) as pipeline:
+            for key in keys:
+                pipeline.set(key, "1")
+            await pipeline.execute()
+        received = await wait_until(lambda: invalidator.invalidated_keys >= 300)
+        remembered_after_burst = invalidator.remembered_keys
+        # Without further writes the listening loop drops them by itself.
+        forgotten = await wait_until(lambda: invalidator.remembered_keys == 0)
+
+    assert received
+    assert remembered_after_burst > 0
+    assert forgotten
 
 
 # Two proxies on one Redis.

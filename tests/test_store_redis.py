@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING
@@ -288,6 +289,9 @@ async def test_set_rejects_infinite_ttl(redis_store: RedisStore) -> None:
         {"connect_timeout_s": -1.0},
         {"retries": -1},
         {"max_connections": 0},
+        {"idle_timeout_s": -1.0},
+        {"idle_timeout_s": math.inf},
+        {"min_idle_connections": -1},
     ],
 )
 def test_constructor_rejects_invalid_option(option: dict[str, float]) -> None:
@@ -310,6 +314,176 @@ async def test_burst_beyond_pool_size_waits_for_connection(
         await store.close()
 
     assert results == [1] * 50
+
+
+# Idle connections
+
+
+class ManualClock:
+    """A monotonic clock that only moves when a test advances it."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def server_connections(client: redis.asyncio.Redis) -> int:
+    """Return the connections the server counts, without `client`'s own."""
+    clients = await client.client_list()
+    return len(clients) - 1
+
+
+async def open_connections(store: RedisStore, count: int) -> None:
+    """Make the store's pool open about `count` connections at once."""
+    await asyncio.gather(
+        *(store.set_if_absent(NS, f"burst-{index}", SERVICE, 1, TTL_S)
+          for index in range(count))
+    )  # fmt: skip
+
+
+async def test_trim_closes_idle_connections_down_to_floor(
+    private_redis_server: RedisServer,
+) -> None:
+    clock = ManualClock()
+    store = RedisStore(
+        private_redis_server.url,
+        idle_timeout_s=10.0,
+        min_idle_connections=2,
+        clock=clock,
+    )
+    inspector = redis.asyncio.from_url(private_redis_server.url)
+    try:
+        await open_connections(store, 30)
+        idle_after_burst, _ = store.pool_connections()
+        closed_too_early = await store.trim_idle_connections()
+        clock.now += 10.5
+        closed = await store.trim_idle_connections()
+        idle_after_trim, in_use_after_trim = store.pool_connections()
+        on_server = await server_connections(inspector)
+        linked = await store.get(NS, "burst-0", SERVICE)
+    finally:
+        await inspector.aclose()
+        await store.close()
+
+    assert idle_after_burst > 10
+    assert closed_too_early == 0
+    assert closed == idle_after_burst - 2
+    assert (idle_after_trim, in_use_after_trim) == (2, 0)
+    assert on_server == 2
+    assert linked == 1
+
+
+async def test_trim_keeps_recently_used_connections(
+    private_redis_server: RedisServer,
+) -> None:
+    clock = ManualClock()
+    store = RedisStore(
+        private_redis_server.url,
+        idle_timeout_s=10.0,
+        min_idle_connections=0,
+        clock=clock,
+    )
+    try:
+        await open_connections(store, 20)
+        idle_after_burst, _ = store.pool_connections()
+        clock.now += 8.0
+        # A sequential call reuses one connection, which counts as fresh.
+        await store.get(NS, "burst-0", SERVICE)
+        clock.now += 8.0
+        closed = await store.trim_idle_connections()
+        idle_after_trim, _ = store.pool_connections()
+    finally:
+        await store.close()
+
+    assert closed == idle_after_burst - 1
+    assert idle_after_trim == 1
+
+
+async def test_zero_idle_timeout_keeps_connections(
+    private_redis_server: RedisServer,
+) -> None:
+    clock = ManualClock()
+    store = RedisStore(
+        private_redis_server.url,
+        idle_timeout_s=0,
+        min_idle_connections=0,
+        clock=clock,
+    )
+    try:
+        await open_connections(store, 20)
+        idle_after_burst, _ = store.pool_connections()
+        clock.now += 1e6
+        closed = await store.trim_idle_connections()
+        idle_after_trim, _ = store.pool_connections()
+    finally:
+        await store.close()
+
+    assert closed == 0
+    assert idle_after_trim == idle_after_burst
+
+
+async def test_trim_under_load_fails_no_call(
+    private_redis_server: RedisServer,
+) -> None:
+    """Trims between and during bursts close only idle connections.
+
+    Without retries, a call on a connection closed under it would fail.
+    """
+    clock = ManualClock()
+    store = RedisStore(
+        private_redis_server.url,
+        retries=0,
+        idle_timeout_s=1.0,
+        min_idle_connections=0,
+        clock=clock,
+    )
+    closed = 0
+    results: list[int] = []
+    try:
+        for round_number in range(20):
+            uids = [f"load-{round_number}-{index}" for index in range(100)]
+            burst = asyncio.gather(
+                *(store.set_if_absent(NS, uid, SERVICE, 2, TTL_S) for uid in uids)
+            )
+            while not burst.done():
+                # Every idle connection counts as expired at each trim.
+                clock.now += 2.0
+                closed += await store.trim_idle_connections()
+                await asyncio.sleep(0)
+            results += await burst
+        _, in_use = store.pool_connections()
+    finally:
+        await store.close()
+
+    assert results == [2] * 2000
+    assert closed > 0
+    assert in_use == 0
+
+
+async def test_idle_trim_loop_closes_connections(
+    private_redis_server: RedisServer,
+) -> None:
+    store = RedisStore(
+        private_redis_server.url, idle_timeout_s=0.05, min_idle_connections=1
+    )
+    stopping = asyncio.Event()
+    trim = asyncio.create_task(store.run_idle_trim(stopping))
+    try:
+        await open_connections(store, 20)
+        # Up to 5 s for the loop: a bounded wait, not a timing.
+        for _ in range(250):
+            if store.pool_connections()[0] <= 1:
+                break
+            await asyncio.sleep(0.02)
+        idle, in_use = store.pool_connections()
+    finally:
+        stopping.set()
+        await trim
+        await store.close()
+
+    assert (idle, in_use) == (1, 0)
 
 
 # Password masking

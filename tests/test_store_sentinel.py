@@ -187,6 +187,32 @@ async def test_sentinel_proxy_sees_link_changed_elsewhere(
     assert pods_seen[-1] == 1 - first
 
 
+async def test_sentinel_pool_trims_idle_connections(
+    redis_sentinel: RedisSentinelSet,
+) -> None:
+    now = [1000.0]
+    store = RedisStore(
+        redis_sentinel.url,
+        idle_timeout_s=10.0,
+        min_idle_connections=1,
+        clock=lambda: now[0],
+    )
+    try:
+        await asyncio.gather(
+            *(store.get(NS, f"user-{number}", SERVICE) for number in range(20))
+        )
+        idle_after_burst, _ = store.pool_connections()
+        now[0] += 11.0
+        closed = await store.trim_idle_connections()
+        idle_after_trim, in_use = store.pool_connections()
+    finally:
+        await store.close()
+
+    assert idle_after_burst > 1
+    assert closed == idle_after_burst - 1
+    assert (idle_after_trim, in_use) == (1, 0)
+
+
 def test_parse_sentinel_url_reads_every_part() -> None:
     target = parse_sentinel_url(
         "rediss+sentinel://app:p%40ss@10.0.0.1:26379,[::1]:26380/routes/2"

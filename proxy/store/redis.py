@@ -9,6 +9,7 @@ Cluster slot. A pod index is stored as a decimal string.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import math
@@ -19,9 +20,9 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
+import redis
 import redis.asyncio
 from redis.asyncio.cluster import ClusterNode
-from redis.asyncio.connection import BlockingConnectionPool
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff, NoBackoff
@@ -49,6 +50,12 @@ from proxy.store.keys import (
     state_key,
     uid_hash_key,
     workload_key,
+)
+from proxy.store.redis_pool import (
+    IdleTrimming,
+    TrimmingBlockingPool,
+    TrimmingSentinelPool,
+    supports_trimming,
 )
 from proxy.store.redis_scripts import (
     GET_AND_REFRESH_LUA,
@@ -107,6 +114,8 @@ _RETRY_BACKOFF_CAP_S = 0.1
 # During an outage, one call per this many seconds checks whether Redis is
 # back; the others fail at once.
 _OUTAGE_PROBE_S = 0.5
+# Maximum seconds between two trims of idle pool connections.
+_TRIM_PERIOD_MAX_S = 1.0
 # Message of the ConnectionError that redis-py's BlockingConnectionPool
 # raises when no connection frees up in time (redis-py 5 to 8).
 _POOL_EXHAUSTED = "No connection available."
@@ -251,17 +260,6 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
     return SentinelTarget(sentinels, primary, options, sentinel_options)
 
 
-class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
-    """A blocking pool of connections to the primary that Sentinel reports.
-
-    Like `BlockingConnectionPool`, it makes a request wait up to its
-    ``timeout`` for a free connection. Like `SentinelConnectionPool`, it
-    queries the Sentinels for the primary's address on every new
-    connection, so connections made after a failover reach the promoted
-    replica.
-    """
-
-
 def _milliseconds(seconds: float) -> int:
     """Convert a positive duration to whole milliseconds, rounded up, min 1."""
     if not math.isfinite(seconds):
@@ -312,6 +310,12 @@ class RedisStore:
         most 0.1 s.
     :param max_connections: size of the connection pool; on Redis Cluster,
         of the pool of each node.
+    :param idle_timeout_s: seconds after which `run_idle_trim` closes an
+        idle pool connection, or 0 to keep them open. Redis Cluster
+        connections are not trimmed.
+    :param min_idle_connections: idle connections that the trim keeps.
+    :param clock: returns the monotonic seconds that idle times are
+        measured in.
 
     Sentinel connections use `timeout_s` and `connect_timeout_s` too, but
     no retries.
@@ -327,6 +331,9 @@ class RedisStore:
         connect_timeout_s: float = 1.0,
         retries: int = 2,
         max_connections: int = 256,
+        idle_timeout_s: float = 30.0,
+        min_idle_connections: int = 4,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not timeout_s > 0:
             raise ValueError(f"invalid timeout_s {timeout_s!r}: expected > 0")
@@ -340,7 +347,18 @@ class RedisStore:
             raise ValueError(
                 f"invalid max_connections {max_connections!r}: expected >= 1"
             )
+        if not idle_timeout_s >= 0 or not math.isfinite(idle_timeout_s):
+            raise ValueError(
+                f"invalid idle_timeout_s {idle_timeout_s!r}: expected a finite "
+                "number >= 0"
+            )
+        if min_idle_connections < 0:
+            raise ValueError(
+                f"invalid min_idle_connections {min_idle_connections!r}: expected >= 0"
+            )
         self._url = mask_password(url)
+        self._idle_timeout_s = idle_timeout_s
+        self._min_idle_connections = min_idle_connections
         # The URL with its password, for the connection of invalidations.
         self._connect_url = url
         self._sentinel_target: SentinelTarget | None = None
@@ -381,7 +399,7 @@ class RedisStore:
             # A blocking pool makes a burst of more than max_connections
             # requests wait for a connection, where the default pool would
             # fail them at once with "Too many connections".
-            pool = redis.asyncio.BlockingConnectionPool.from_url(
+            pool = TrimmingBlockingPool.from_url(
                 url,
                 max_connections=max_connections,
                 timeout=timeout_s,
@@ -391,6 +409,10 @@ class RedisStore:
                 decode_responses=True,
             )
             self._client = redis.asyncio.Redis.from_pool(pool)
+
+        trimmed_pool = self._trimmed_pool
+        if trimmed_pool is not None:
+            trimmed_pool.clock = clock
 
         # AsyncScript runs EVALSHA and loads the script on NOSCRIPT.
         register = self._client.register_script
@@ -446,7 +468,7 @@ class RedisStore:
         )
         client: redis.asyncio.Redis = self._sentinel.master_for(
             target.primary,
-            connection_pool_class=_BlockingSentinelPool,
+            connection_pool_class=TrimmingSentinelPool,
             max_connections=self._max_connections,
             timeout=self._timeout_s,
             socket_timeout=self._timeout_s,
@@ -484,6 +506,74 @@ class RedisStore:
     def describe(self) -> str:
         """Return the Redis URL with its password masked, for logs."""
         return self._url
+
+    @property
+    def _trimmed_pool(self) -> IdleTrimming | None:
+        """Return the pool that `trim_idle_connections` trims, None on Cluster."""
+        if not isinstance(self._client, redis.asyncio.Redis):
+            return None
+        pool = self._client.connection_pool
+        return pool if isinstance(pool, IdleTrimming) else None
+
+    def pool_connections(self) -> tuple[int, int]:
+        """Return the pool's idle and in-use connection counts, (0, 0) on Cluster."""
+        pool = self._trimmed_pool
+        if pool is None:
+            return 0, 0
+        return pool.connection_counts()
+
+    async def trim_idle_connections(self) -> int:
+        """Close pool connections idle longer than the idle timeout.
+
+        Keeps the `min_idle_connections` most recently used ones. Returns
+        how many it closed: none on Redis Cluster or with an idle timeout
+        of 0.
+        """
+        pool = self._trimmed_pool
+        if pool is None or self._idle_timeout_s == 0:
+            return 0
+        return await pool.trim_idle(self._idle_timeout_s, self._min_idle_connections)
+
+    async def run_idle_trim(self, stopping: asyncio.Event) -> None:
+        """Run `trim_idle_connections` periodically until `stopping` is set.
+
+        A connection is closed between `idle_timeout_s` and
+        `idle_timeout_s` + 1 s after its last use.
+        """
+        pool = self._trimmed_pool
+        if pool is None or self._idle_timeout_s == 0:
+            return
+        if not supports_trimming(pool):
+            logger.warning(
+                "redis-py %s has no idle connection list that this proxy can "
+                "trim, so idle Redis connections stay open; use redis-py "
+                "5.0.1 to 8.x",
+                getattr(redis, "__version__", "(unknown version)"),
+            )
+            return
+        period_s = min(_TRIM_PERIOD_MAX_S, self._idle_timeout_s / 2)
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), period_s)
+                return
+            try:
+                closed = await self.trim_idle_connections()
+            except Exception:
+                logger.exception(
+                    "trimming idle Redis connections failed, so idle "
+                    "connections stay open until the proxy restarts"
+                )
+                return
+            if closed:
+                idle, in_use = self.pool_connections()
+                logger.debug(
+                    "closed %d Redis connections idle for more than %gs, "
+                    "%d idle and %d in use remain",
+                    closed,
+                    self._idle_timeout_s,
+                    idle,
+                    in_use,
+                )
 
     @property
     def unavailable(self) -> bool:

@@ -28,7 +28,7 @@ import orjson
 from aiohttp import StreamReader, web
 from aiohttp.http import HttpVersion11
 
-from proxy.client_head import HOP_BY_HOP, SentResponse, encode_client_head
+from proxy.client_head import HOP_BY_HOP, ClientHeadEncoder, SentResponse
 from proxy.errors import StatefulRouteError
 from proxy.inbound import (
     GuardedBody,
@@ -147,6 +147,7 @@ class Relay:
     def __init__(self, pool: UpstreamPool, routed_pod_header: str) -> None:
         self._pool = pool
         self._routed_pod_header = routed_pod_header
+        self._client_head = ClientHeadEncoder(routed_pod_header)
 
     async def relay(
         self,
@@ -295,7 +296,7 @@ class Relay:
 
         if (
             upstream.complete
-            and upstream.content_length is not None
+            and upstream.length_known
             and not upstream.tunnel
             and (on_continue is None or upstream.request_sent)
         ):
@@ -379,19 +380,18 @@ class Relay:
         """Write a response that arrived whole in one write; None to fall back.
 
         It falls back, before anything is written, for a head that
-        `encode_client_head` does not encode. The caller waits for the
+        `ClientHeadEncoder` does not encode. The caller waits for the
         client's buffer to drain.
         """
-        routed = self._routed_pod_header
-        extra = (routed, str(pod.index)) if routed else None
         keep_alive = request.keep_alive
-        head = encode_client_head(request, upstream, extra, keep_alive)
+        head = self._client_head.encode(request, upstream, pod.index, keep_alive)
         if head is None:
             return None
         data = upstream.read_complete()
         response = SentResponse(upstream.status, upstream.reason, keep_alive)
-        if extra is not None:
-            response.headers[extra[0]] = extra[1]
+        routed = self._routed_pod_header
+        if routed:
+            response.headers[routed] = str(pod.index)
         transport = request.transport
         if transport is None or transport.is_closing():
             logger.debug("client went away before the response %s", format_ids(ids))

@@ -669,6 +669,30 @@ async def test_active_stream_outlives_read_timeout(proxy: ProxyProcess) -> None:
     assert response.body == b"tick" * 8
 
 
+async def test_client_header_lines_reach_pod_as_sent(proxy: ProxyProcess) -> None:
+    head = (
+        "GET /echo HTTP/1.1\r\n"
+        f"host: {LOOPBACK}\r\n"
+        "x-uid: reader\r\n"
+        "x-service: game\r\n"
+        "accept-ENCODING: identity\r\n"
+        "X-Raw: caf\xe9\r\n"
+        "\r\n"
+    ).encode("latin-1")
+
+    response = await exchange(proxy, head)
+
+    assert response.status == 200
+    assert response.body.startswith(
+        f"GET /echo HTTP/1.1\r\nhost: {LOOPBACK}\r\nx-uid: reader\r\n"
+        "x-service: game\r\naccept-ENCODING: identity\r\n".encode()
+    )
+    assert b"\r\nX-Raw: caf\xe9\r\n" in response.body
+    assert b"\r\nX-Forwarded-For: 127.0.0.1\r\n" in response.body
+    assert b"\r\nX-Forwarded-Proto: http\r\n" in response.body
+    assert f"\r\nX-Forwarded-Host: {LOOPBACK}\r\n".encode() in response.body
+
+
 async def test_slow_upload_outlives_read_timeout(proxy: ProxyProcess) -> None:
     # Eight chunks 0.2 s apart under service "quick": the pod responds only
     # after the whole body, which takes longer than the 1 s read timeout.

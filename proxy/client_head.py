@@ -23,6 +23,7 @@ from __future__ import annotations
 from aiohttp import web
 from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import HttpVersion10, HttpVersion11
+from multidict import CIMultiDict
 
 from proxy.upstream_connection import UpstreamResponse
 
@@ -55,13 +56,28 @@ class SentResponse(web.StreamResponse):
     """A response whose head and body were already written to the transport.
 
     aiohttp's `RequestHandler` still gets a response object for its
-    keep-alive decision and the access log. `prepare` and `write_eof` do
-    nothing, and `headers` hold only the routed pod header, the one header
-    the access log reads.
+    keep-alive decision and the access log, and
+    `proxy.connections.OnDemandRequestHandler` neither prepares it nor
+    writes its end. `prepare` and `write_eof` do nothing, and `headers`
+    hold only the routed pod header, the one header the access log reads.
     """
 
-    def __init__(self, status: int, reason: str, keep_alive: bool) -> None:
-        super().__init__(status=status, reason=reason)
+    def __init__(
+        self,
+        status: int,
+        reason: str,
+        keep_alive: bool,
+        routed: tuple[str, str] | None,
+    ) -> None:
+        # StreamResponse.__init__ is not called, because its keyword
+        # arguments and reason phrase check cost instructions on every
+        # request, for a response that aiohttp never writes. These are the
+        # attributes it sets (aiohttp 3.14), and a test compares them with
+        # those of a StreamResponse.
+        self._state = {}
+        self._headers = CIMultiDict((routed,)) if routed else CIMultiDict()
+        self._status = status
+        self._reason = reason
         self._sent_keep_alive = keep_alive
 
     @property

@@ -384,10 +384,13 @@ class Relay:
         if head is None:
             return None
         data = upstream.read_complete()
-        response = SentResponse(upstream.status, upstream.reason, keep_alive)
         routed = self._routed_pod_header
-        if routed:
-            response.headers[routed] = str(pod.index)
+        response = SentResponse(
+            upstream.status,
+            upstream.reason,
+            keep_alive,
+            (routed, str(pod.index)) if routed else None,
+        )
         transport = request.transport
         if transport is None or transport.is_closing():
             logger.debug("client went away before the response %s", format_ids(ids))

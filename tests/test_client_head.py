@@ -8,7 +8,7 @@ import pytest
 from aiohttp import web
 from aiohttp.http import HttpVersion, HttpVersion10, HttpVersion11
 
-from proxy.client_head import ClientHeadEncoder, SentResponse
+from proxy.client_head import HOP_BY_HOP, ClientHeadEncoder, SentResponse
 from proxy.upstream_connection import UpstreamResponse, split_head
 
 DATE = b"Date: Tue, 01 Dec 2026 10:00:00 GMT\r\n"
@@ -63,6 +63,15 @@ def test_named_and_hop_by_hop_lines_cut() -> None:
 
     assert encode(head) == (
         b"HTTP/1.1 200 OK\r\nA: 1\r\n" + DATE + b"X-Routed-Pod: 2\r\n\r\n"
+    )
+
+
+@pytest.mark.parametrize("name", sorted(HOP_BY_HOP))
+def test_every_hop_by_hop_line_cut(name: str) -> None:
+    head = b"HTTP/1.1 200 OK\r\nA: 1\r\n%s: x\r\n" % name.title().encode() + DATE
+
+    assert encode(head + b"\r\n", routed_pod_header="") == (
+        b"HTTP/1.1 200 OK\r\nA: 1\r\n" + DATE + b"\r\n"
     )
 
 

@@ -51,6 +51,8 @@ from aiohttp.helpers import ceil_timeout
 from aiohttp.http import HttpRequestParser, StreamWriter
 from aiohttp.tcp_helpers import tcp_keepalive
 
+from proxy.client_head import SentResponse
+
 logger = logging.getLogger("stateful_route.connections")
 
 # The maximum time between two sweeps for idle connections. A shorter
@@ -332,6 +334,25 @@ class OnDemandRequestHandler(web_protocol.RequestHandler):
         When this returns False, the connection closes at once.
         """
         return True
+
+    async def finish_response(
+        self,
+        request: web.BaseRequest,
+        resp: web.StreamResponse,
+        start_time: float | None,
+    ) -> tuple[web.StreamResponse, bool]:
+        """Finish a response as aiohttp does, or at once for a `SentResponse`.
+
+        The relay already wrote the whole of a `SentResponse`, so its
+        `prepare` and `write_eof` coroutines, which do nothing, are not
+        called. After an upgrade request, aiohttp's method also feeds the
+        bytes that followed it to the parser, so that case goes to it.
+        """
+        if type(resp) is not SentResponse or self._upgraded:
+            return await super().finish_response(request, resp, start_time)
+        request._finish()
+        self.log_access(request, resp, start_time)
+        return resp, False
 
     async def _linger(
         self, loop: asyncio.AbstractEventLoop, payload: StreamReader

@@ -54,8 +54,8 @@ from proxy.relay import (
     answer_expect,
     error_response,
     format_ids,
-    pod_request_headers,
 )
+from proxy.request_head import pod_request_headers
 from proxy.retry import (
     RequestBody,
     Retry,
@@ -376,7 +376,7 @@ class Forwarder:
         service: Service,
         pod: Pod,
         ids: dict[str, Any],
-        headers: list[tuple[str, str]],
+        headers: bytes,
         body: RequestBody,
     ) -> web.StreamResponse:
         """Send one attempt to `pod`, sampling it in the service's stats.

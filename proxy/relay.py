@@ -18,7 +18,6 @@ chunk is written to the client as soon as it arrives from the pod.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Coroutine, Iterable, Mapping
 from typing import Any
@@ -28,7 +27,7 @@ import orjson
 from aiohttp import StreamReader, web
 from aiohttp.http import HttpVersion11
 
-from proxy.client_head import HOP_BY_HOP, SentResponse, encode_client_head
+from proxy.client_head import HOP_BY_HOP, ClientHeadEncoder, SentResponse
 from proxy.errors import StatefulRouteError
 from proxy.inbound import (
     GuardedBody,
@@ -36,10 +35,10 @@ from proxy.inbound import (
     Network,
     RequestRejected,
     closing_error,
-    is_trusted,
     request_target,
 )
 from proxy.pods import Pod
+from proxy.request_head import pod_request_headers
 from proxy.retry import RETRYABLE_METHODS, RequestBody, Stage
 from proxy.tunnel import relay_tunnel, websocket_upgrade
 from proxy.upstream import (
@@ -55,10 +54,6 @@ logger = logging.getLogger("stateful_route.relay")
 # Maximum length of a client-supplied id in a log line.
 _ID_SHOWN_LENGTH = 128
 
-# No header names, for the common case of a Connection header naming none.
-_NOTHING: frozenset[str] = frozenset()
-# Client headers that the pod gets as `forwarded_headers` sets them.
-_FORWARDED = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"})
 _CONTINUE_LINE = b"HTTP/1.1 100 Continue\r\n\r\n"
 # Request key that marks a client that got its 100 Continue.
 _CONTINUE_SENT = "stateful_route.continue_sent"
@@ -147,6 +142,7 @@ class Relay:
     def __init__(self, pool: UpstreamPool, routed_pod_header: str) -> None:
         self._pool = pool
         self._routed_pod_header = routed_pod_header
+        self._client_head = ClientHeadEncoder(routed_pod_header)
 
     async def relay(
         self,
@@ -219,7 +215,7 @@ class Relay:
         pod: Pod,
         client_timeout: aiohttp.ClientTimeout,
         ids: dict[str, Any],
-        headers: list[tuple[str, str]],
+        headers: bytes,
         body: RequestBody,
     ) -> Coroutine[Any, Any, web.StreamResponse]:
         """Send one attempt of `request` to `pod` and stream the response back.
@@ -245,13 +241,14 @@ class Relay:
         pod: Pod,
         client_timeout: aiohttp.ClientTimeout,
         ids: dict[str, Any],
-        headers: list[tuple[str, str]],
+        headers: bytes,
         body: bytes | StreamReader | AsyncIterator[bytes] | None,
     ) -> web.StreamResponse:
         address = pod.address
         upgrade = websocket_upgrade(request)
         if upgrade is not None:
-            headers = [*headers, ("Connection", "Upgrade"), ("Upgrade", upgrade)]
+            upgrade_lines = f"Connection: Upgrade\r\nUpgrade: {upgrade}\r\n"
+            headers += upgrade_lines.encode("utf-8", "surrogateescape")
         streamed = body is not None and not isinstance(body, bytes)
         on_continue = None
         if streamed and expects_continue(request):
@@ -295,7 +292,7 @@ class Relay:
 
         if (
             upstream.complete
-            and upstream.content_length is not None
+            and upstream.length_known
             and not upstream.tunnel
             and (on_continue is None or upstream.request_sent)
         ):
@@ -379,19 +376,21 @@ class Relay:
         """Write a response that arrived whole in one write; None to fall back.
 
         It falls back, before anything is written, for a head that
-        `encode_client_head` does not encode. The caller waits for the
+        `ClientHeadEncoder` does not encode. The caller waits for the
         client's buffer to drain.
         """
-        routed = self._routed_pod_header
-        extra = (routed, str(pod.index)) if routed else None
         keep_alive = request.keep_alive
-        head = encode_client_head(request, upstream, extra, keep_alive)
+        head = self._client_head.encode(request, upstream, pod.index, keep_alive)
         if head is None:
             return None
         data = upstream.read_complete()
-        response = SentResponse(upstream.status, upstream.reason, keep_alive)
-        if extra is not None:
-            response.headers[extra[0]] = extra[1]
+        routed = self._routed_pod_header
+        response = SentResponse(
+            upstream.status,
+            upstream.reason,
+            keep_alive,
+            (routed, str(pod.index)) if routed else None,
+        )
         transport = request.transport
         if transport is None or transport.is_closing():
             logger.debug("client went away before the response %s", format_ids(ids))
@@ -430,108 +429,6 @@ def _client_body_failed(
     )
     response.force_close()
     return response
-
-
-def pod_request_headers(
-    request: web.BaseRequest,
-    extra_headers: Mapping[str, str] | None = None,
-    removed_headers: Iterable[str] = (),
-    trusted: tuple[Network, ...] = (),
-    kept_headers: Iterable[str] = (),
-) -> list[tuple[str, str]]:
-    """Return the headers of `request` for the pod, in the client's order.
-
-    Built in one pass over the client's headers, which drops the hop-by-hop
-    ones, those named in Connection, Expect (the relay sets it itself when
-    it forwards 100-continue) and `removed_headers`. Then X-Forwarded-For,
-    -Proto and -Host follow as `forwarded_headers` sets them for the
-    `trusted` networks, then `extra_headers`. Last come those of
-    `kept_headers` that the client sent but the rules above dropped, such as
-    a routing header named in Connection, with their first value.
-    """
-    source = request.headers
-    named: frozenset[str] | set[str] = _NOTHING
-    if "Connection" in source:
-        named = {
-            token.strip().lower()
-            for value in source.getall("Connection")
-            for token in value.split(",")
-        }
-    dropped = _dropped_names(tuple(removed_headers))
-    headers: list[tuple[str, str]] = []
-    forwarded: list[tuple[str, str]] = []
-    for name, value in source.items():
-        lowered = name.lower()
-        if lowered in dropped or lowered in named:
-            continue
-        if lowered in _FORWARDED:
-            forwarded.append((lowered, value))
-        headers.append((name, value))
-    # The pod gets HTTP/1.1, which requires Host (RFC 9112, section 3.2). An
-    # HTTP/1.0 request without one names no authority, so the value is empty.
-    if "Host" not in source:
-        headers.append(("Host", ""))
-    forwarded_headers(headers, forwarded, request, trusted)
-    if extra_headers:
-        headers.extend(extra_headers.items())
-    for name in kept_headers:
-        lowered = name.lower()
-        if lowered in dropped or lowered in named:
-            kept = source.get(name)
-            if kept is not None:
-                headers.append((name, kept))
-    return headers
-
-
-@functools.lru_cache(maxsize=32)
-def _dropped_names(removed_headers: tuple[str, ...]) -> frozenset[str]:
-    """Return the lowercased client headers the pod never gets.
-
-    They are the hop-by-hop ones, Expect (the relay sets it itself when it
-    forwards 100-continue) and `removed_headers`. The callers pass a few
-    fixed tuples, each computed once.
-    """
-    return HOP_BY_HOP | {"expect"} | {name.lower() for name in removed_headers}
-
-
-def forwarded_headers(
-    headers: list[tuple[str, str]],
-    received: list[tuple[str, str]],
-    request: web.BaseRequest,
-    networks: tuple[Network, ...],
-) -> None:
-    """Set X-Forwarded-For, -Proto and -Host on the pod's `headers`.
-
-    `received` are the client's X-Forwarded-* headers in `headers`, with
-    lowercase names. From a peer in `networks` the client's values are kept:
-    the peer is appended to its X-Forwarded-For, joined into one line at the
-    end, and its X-Forwarded-Proto and -Host stay in place when they appear
-    once. From any other peer all three are replaced by what the proxy saw
-    itself, at the end.
-    """
-    peer = request.remote or ""
-    trusted = bool(received) and is_trusted(peer, networks)
-    chain = ""
-    replaced = {"x-forwarded-for"}
-    if received:
-        counts = {name: 0 for name in _FORWARDED}
-        for name, _ in received:
-            counts[name] += 1
-        if trusted:
-            chain = ", ".join(v for n, v in received if n == "x-forwarded-for")
-        for name in ("x-forwarded-proto", "x-forwarded-host"):
-            if not trusted or counts[name] != 1:
-                replaced.add(name)
-        headers[:] = [item for item in headers if item[0].lower() not in replaced]
-    else:
-        replaced.update(_FORWARDED)
-    headers.append(("X-Forwarded-For", f"{chain}, {peer}" if chain else peer))
-    if "x-forwarded-proto" in replaced:
-        headers.append(("X-Forwarded-Proto", request.scheme))
-    if "x-forwarded-host" in replaced:
-        host = request.headers.get("Host")
-        if host is not None:
-            headers.append(("X-Forwarded-Host", host))
 
 
 def answer_expect(request: web.BaseRequest) -> web.Response | None:

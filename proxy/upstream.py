@@ -100,7 +100,7 @@ class UpstreamPool:
         address: tuple[str, int],
         method: str,
         target: str,
-        headers: Sequence[tuple[str, str]],
+        headers: Sequence[tuple[str, str]] | bytes,
         body: UpstreamBody,
         *,
         content_length: int | None,
@@ -111,7 +111,9 @@ class UpstreamPool:
     ) -> Coroutine[Any, Any, UpstreamResponse]:
         """Send one request to the pod at `address` and return its final response.
 
-        `headers` are written as given, and must not contain Content-Length
+        `headers` are written as given: (name, value) pairs, or encoded
+        lines that each end with CRLF and contain no other CR, LF or NUL.
+        They must not contain Content-Length
         or Transfer-Encoding unless `content_length` is their value. A body
         gets ``Content-Length: content_length`` when that is known (for a
         bytes body, its length), else chunked coding. With `on_continue`,
@@ -128,17 +130,24 @@ class UpstreamPool:
         """
         if isinstance(body, bytes) and content_length is None:
             content_length = len(body)
-        framing: list[tuple[str, str]] = []
-        if body is not None:
-            if content_length is None:
-                framing.append(("Transfer-Encoding", "chunked"))
-            elif not any(name.lower() == "content-length" for name, _ in headers):
-                framing.append(("Content-Length", str(content_length)))
-        if on_continue is not None and body is not None:
-            framing.append(("Expect", "100-continue"))
-        else:
+        if body is None:
             on_continue = None
-        head = encode_head(method, target, [*headers, *framing] if framing else headers)
+        if isinstance(headers, bytes):
+            head = _encode_head_lines(method, target, headers, body, content_length)
+            if on_continue is not None:
+                head = head[:-2] + b"Expect: 100-continue\r\n\r\n"
+        else:
+            framing: list[tuple[str, str]] = []
+            if body is not None:
+                if content_length is None:
+                    framing.append(("Transfer-Encoding", "chunked"))
+                elif not any(name.lower() == "content-length" for name, _ in headers):
+                    framing.append(("Content-Length", str(content_length)))
+            if on_continue is not None:
+                framing.append(("Expect", "100-continue"))
+            head = encode_head(
+                method, target, [*headers, *framing] if framing else headers
+            )
 
         pool = self._pools.get(address)
         if pool is None:
@@ -344,6 +353,32 @@ def lines_intact(block: str, count: int) -> bool:
         and block.count("\n") == separators
         and "\0" not in block
     )
+
+
+def _encode_head_lines(
+    method: str,
+    target: str,
+    lines: bytes,
+    body: UpstreamBody,
+    content_length: int | None,
+) -> bytes:
+    """Return the head of a request whose header lines are already encoded.
+
+    Adds the framing of `body` as `UpstreamPool.request` describes.
+    Raises `InvalidRequestError` for a target that `encode_head` rejects.
+    """
+    if not target or not target.isprintable() or " " in target:
+        raise InvalidRequestError("target", target)
+    request_line = f"{method} {target} HTTP/1.1\r\n".encode("utf-8", "surrogateescape")
+    if body is None:
+        return request_line + lines + b"\r\n"
+    if content_length is None:
+        framing = b"Transfer-Encoding: chunked\r\n\r\n"
+    elif (b"\r\n" + lines.lower()).find(b"\r\ncontent-length:") >= 0:
+        framing = b"\r\n"
+    else:
+        framing = b"Content-Length: %d\r\n\r\n" % content_length
+    return request_line + lines + framing
 
 
 def encode_head(method: str, target: str, headers: Iterable[tuple[str, str]]) -> bytes:

@@ -34,6 +34,9 @@ _EXPECT_WAIT_S = 1.0
 # Statuses whose responses never have a body (RFC 9110, section 6.4.1).
 _BODYLESS_STATUSES = frozenset({204, 304})
 _NO_TOKENS: frozenset[str] = frozenset()
+_CONTENT_LENGTH = "\r\ncontent-length:"
+_LINE_BREAK_BYTES = (ord("\r"), ord("\n"))
+_SPACE = ord(" ")
 
 
 class UpstreamFailure(StatefulRouteError):
@@ -92,39 +95,87 @@ class _HeadResponseDone(Exception):
 class UpstreamResponse:
     """The final response of a pod: status, reason, headers and a streamed body.
 
-    `headers` lists every header line in order, repeats included.
+    `header_block` keeps the pod's header lines as received, each one
+    preceded by CRLF, and ends with CRLF. llhttp accepted every byte of it,
+    so it has no CR or LF outside the line ends, no NUL and no obs-fold.
+    `status_line` is the pod's status line after its protocol version, such
+    as ``b" 200 OK"``.
     """
 
     __slots__ = (
         "_connection",
+        "_headers",
         "_released",
-        "connection_tokens",
-        "content_length",
-        "headers",
-        "reason",
+        "_tokens",
+        "header_block",
+        "length_known",
+        "lowered_block",
         "request_sent",
         "status",
+        "status_line",
     )
 
     def __init__(
         self,
         connection: Connection,
         status: int,
-        reason: str,
-        headers: list[tuple[str, str]],
-        content_length: int | None,
+        status_line: bytes,
+        header_block: bytes,
+        length_known: bool,
     ) -> None:
         self._connection = connection
         self._released = False
         self.status = status
-        self.reason = reason
-        self.headers = headers
-        self.content_length = content_length
-        # The lowercased options of the pod's Connection headers, which name
-        # the headers that apply to the pod's connection only.
-        self.connection_tokens: frozenset[str] = _NO_TOKENS
+        self.status_line = status_line
+        self.header_block = header_block
+        # `header_block` decoded as Latin-1 and lowercased, so its offsets
+        # are those of `header_block`. `in` finds header names in it, which
+        # is cheaper than in bytes (see `proxy.client_head`).
+        self.lowered_block = header_block.decode("latin-1").lower()
+        # Whether `content_length` is not None, known without parsing it.
+        self.length_known = length_known
+        self._headers: list[tuple[str, str]] | None = None
+        self._tokens: frozenset[str] | None = None
         # False when the pod responded before the whole request body was sent.
         self.request_sent = False
+
+    @property
+    def reason(self) -> str:
+        """The reason phrase, "" when the pod sent none."""
+        return self.status_line[5:].decode("utf-8", "surrogateescape")
+
+    @property
+    def content_length(self) -> int | None:
+        """The pod's Content-Length, or 0 for a bodyless response without one."""
+        lowered = self.lowered_block
+        if _CONTENT_LENGTH in lowered:
+            # llhttp rejects a second Content-Length and any value that is not
+            # digits, so this is the only one and int() takes it.
+            return int(lowered.partition(_CONTENT_LENGTH)[2].partition("\r\n")[0])
+        return 0 if self.length_known else None
+
+    @property
+    def connection_tokens(self) -> frozenset[str]:
+        """The lowercased options of the pod's Connection headers.
+
+        They name the headers that apply to the pod's connection only.
+        """
+        tokens = self._tokens
+        if tokens is None:
+            tokens = self._tokens = connection_tokens(self.lowered_block)
+        return tokens
+
+    @property
+    def headers(self) -> list[tuple[str, str]]:
+        """Every header line in order, repeats included.
+
+        Values lose their leading spaces and tabs, as llhttp's header
+        callbacks give them, and keep their trailing ones.
+        """
+        headers = self._headers
+        if headers is None:
+            headers = self._headers = parse_header_block(self.header_block)
+        return headers
 
     @property
     def complete(self) -> bool:
@@ -191,6 +242,9 @@ class Connection(asyncio.Protocol):
         self._read_timeout_s: float | None = None
         self._last_activity = 0.0
         self._chunks: deque[bytes] = deque()
+        # The bytes received from the start of the response head in
+        # progress, kept until llhttp has parsed the final response head.
+        self._head_parts: list[bytes] = []
         self._reset_exchange()
 
     def _reset_exchange(self) -> None:
@@ -199,11 +253,8 @@ class Connection(asyncio.Protocol):
         self._head_waiter: asyncio.Future[UpstreamResponse] | None = None
         self._continue_waiter: asyncio.Future[None] | None = None
         self._response: UpstreamResponse | None = None
-        self._headers: list[tuple[str, str]] = []
-        self._reason = ""
-        self._content_length: str | None = None
+        self._head_parts.clear()
         self._transfer_encoding: str | None = None
-        self._connection_tokens: frozenset[str] = _NO_TOKENS
         self._keep_alive = False
         self._received = False
         self._chunks.clear()
@@ -477,6 +528,8 @@ class Connection(asyncio.Protocol):
         if self.tunnel:
             self.on_body(data)
             return
+        if self._response is None:
+            self._head_parts.append(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -544,40 +597,26 @@ class Connection(asyncio.Protocol):
 
     # Parser callbacks, called by httptools during feed_data.
 
-    def on_message_begin(self) -> None:
-        self._headers = []
-        self._content_length = None
-        self._transfer_encoding = None
-        self._connection_tokens = _NO_TOKENS
-
-    def on_status(self, status: bytes) -> None:
-        self._reason = status.decode("utf-8", "surrogateescape")
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        decoded = name.decode("utf-8", "surrogateescape")
-        text = value.decode("utf-8", "surrogateescape")
-        lowered = decoded.lower()
-        if lowered == "content-length":
-            # llhttp rejects a second Content-Length, so this is the only one.
-            self._content_length = text
-        elif lowered == "transfer-encoding":
-            self._transfer_encoding = value.decode("latin-1").strip().lower()
-        elif lowered == "connection":
-            tokens = value.decode("latin-1").lower().split(",")
-            self._connection_tokens = self._connection_tokens.union(
-                token.strip() for token in tokens
-            )
-        self._headers.append((decoded, text))
+    # httptools calls only the callbacks that the protocol defines. There is
+    # no on_status, on_header or on_message_begin, because each call from
+    # llhttp into Python costs thousands of instructions. The head's bytes
+    # come from `_head_parts` once llhttp has accepted the whole head.
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
+        parts = self._head_parts
+        received = parts[0] if len(parts) == 1 else b"".join(parts)
+        if received[0] in _LINE_BREAK_BYTES:
+            # llhttp skips CR and LF bytes before a status line.
+            received = received.lstrip(b"\r\n")
+        status_line, block, head_end = split_head(received)
         if status == 101 and self._upgrade:
             # A tunnel has no read timeout, because a WebSocket may stay
             # quiet for long.
             self.tunnel = True
             self._cancel_timer()
-            response = UpstreamResponse(self, status, self._reason, self._headers, None)
-            response.connection_tokens = self._connection_tokens
+            parts.clear()
+            response = UpstreamResponse(self, status, status_line, block, False)
             self._response = response
             waiter = self._head_waiter
             if waiter is not None and not waiter.done():
@@ -587,6 +626,8 @@ class Connection(asyncio.Protocol):
         if status < 200:
             if status == 101:
                 raise InvalidResponseError("101 Switching Protocols without Upgrade")
+            # The next response head starts after this one, which has no body.
+            parts[:] = (received[head_end:],)
             # An interim response is skipped. A 100 lets an Expect request
             # send its body.
             continued = self._continue_waiter
@@ -594,22 +635,22 @@ class Connection(asyncio.Protocol):
                 continued.set_result(None)
             return
 
-        if self._transfer_encoding not in (None, "chunked"):
-            raise InvalidResponseError(
-                f"unsupported Transfer-Encoding {self._transfer_encoding!r}"
-            )
+        parts.clear()
+        response = UpstreamResponse(self, status, status_line, block, False)
+        lowered = response.lowered_block
+        if "\r\ntransfer-encoding:" in lowered:
+            coding = lowered.rpartition("\r\ntransfer-encoding:")[2].partition("\r\n")
+            self._transfer_encoding = coding[0].strip()
+            if self._transfer_encoding != "chunked":
+                raise InvalidResponseError(
+                    f"unsupported Transfer-Encoding {self._transfer_encoding!r}"
+                )
         self._keep_alive = self._parser.should_keep_alive()
-        bodyless = self._head_only or status in _BODYLESS_STATUSES
-        content_length = None
-        if self._content_length is not None:
-            content_length = int(self._content_length)
-        elif bodyless:
-            content_length = 0
-
-        response = UpstreamResponse(
-            self, status, self._reason, self._headers, content_length
+        response.length_known = (
+            _CONTENT_LENGTH in lowered
+            or self._head_only
+            or status in _BODYLESS_STATUSES
         )
-        response.connection_tokens = self._connection_tokens
         self._response = response
         waiter = self._head_waiter
         if waiter is not None and not waiter.done():
@@ -716,3 +757,52 @@ class Connection(asyncio.Protocol):
 
 async def _one_chunk(body: bytes) -> AsyncIterator[bytes]:
     yield body
+
+
+def split_head(received: bytes) -> tuple[bytes, bytes, int]:
+    """Split a response head that llhttp accepted at the start of `received`.
+
+    Returns the status line after the protocol version (``b" 200 OK"``),
+    the header block (each header line preceded by CRLF, then a final
+    CRLF) and the offset after the head's empty line. llhttp ends the
+    status line and every header line with CRLF and rejects CR or LF
+    anywhere else, so the first empty line ends the head.
+    """
+    end = received.find(b"\r\n\r\n")
+    if end < 0:
+        # llhttp accepted a head that this function does not see as one.
+        raise InvalidResponseError("response head not found in the received bytes")
+    line_end = received.find(b"\r\n")
+    # llhttp 9 accepts the versions HTTP/d.d and RTSP/d.d, 8 bytes, and
+    # ICE/d.d, 7 bytes.
+    version_end = 7 if received[7] == _SPACE else 8
+    return received[version_end:line_end], received[line_end : end + 2], end + 4
+
+
+def connection_tokens(lowered: str) -> frozenset[str]:
+    """Return the options of every Connection header of a lowercased header block."""
+    tokens: set[str] = set()
+    for value in lowered.split("\r\nconnection:")[1:]:
+        options = value.partition("\r\n")[0].split(",")
+        tokens.update(option.strip() for option in options)
+    return frozenset(tokens) if tokens else _NO_TOKENS
+
+
+def parse_header_block(block: bytes) -> list[tuple[str, str]]:
+    """Return the (name, value) pairs of a header block, decoded as UTF-8.
+
+    Bytes that are not UTF-8 become surrogate escapes, so encoding with
+    ``surrogateescape`` restores them.
+    """
+    headers = []
+    for line in block.split(b"\r\n"):
+        if not line:
+            continue
+        name, _, value = line.partition(b":")
+        headers.append(
+            (
+                name.decode("utf-8", "surrogateescape"),
+                value.lstrip(b" \t").decode("utf-8", "surrogateescape"),
+            )
+        )
+    return headers

@@ -100,6 +100,41 @@ SCRIPTS: dict[str, list[Step]] = {
         b"HTTP/1.1 304 Not Modified\r\nContent-Length: 1234\r\n\r\n"
     ],
     "head": [_OK_HEAD + b"Content-Length: 1234\r\nX-Kept: head\r\n\r\n"],
+    "nginx-style": [
+        b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Length: 2\r\n"
+        b"Connection: Keep-Alive\r\n\r\nok"
+    ],
+    "hop-by-hop": [
+        b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Pod-Scoped\r\n"
+        b"Keep-Alive: timeout=5\r\nX-Pod-Scoped: 1\r\nproxy-connection: x\r\n"
+        b"Proxy-Authenticate: Basic\r\nTE: trailers\r\nTRAILER: X-Sum\r\n"
+        b"Upgrade: h2c\r\nX-End-To-End: kept\r\nContent-Length: 2\r\n\r\nok"
+    ],
+    "connection-twice": [
+        b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nX-Pod-Scoped: 1\r\n"
+        b"X-End-To-End: kept\r\nconnection: x-pod-scoped\r\n"
+        b"Content-Length: 2\r\n\r\nok"
+    ],
+    "connection-prefix": [
+        b"HTTP/1.1 200 OK\r\nConnection: keep-alive-ish\r\n"
+        b"Keep-Alive-Ish: 1\r\nX-End-To-End: kept\r\nContent-Length: 2\r\n\r\nok"
+    ],
+    "spaced-headers": [
+        b"HTTP/1.1 200 OK\r\nX-Spaced:   wide\r\nX-Tabbed:\tvalue\t\r\n"
+        b"Content-Length: 2\r\n\r\nok"
+    ],
+    "split-head": [
+        b"HTTP/1.1 200 Fi",
+        0.05,
+        b"ne\r\nX-Split: on",
+        0.05,
+        b"e piece\r\nContent-Length: 2\r\n\r\nok",
+    ],
+    "interim-together": [
+        b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
+        b"\r\nHTTP/1.1 200 OK\r\nX-Final: yes\r\nContent-Length: 5\r\n\r\nfinal"
+    ],
+    "no-reason": [b"HTTP/1.1 200\r\nContent-Length: 2\r\n\r\nok"],
     "slow-stream": [
         _CHUNKED_HEAD,
         *[step for _ in range(8) for step in (0.2, b"4\r\ntick\r\n")],

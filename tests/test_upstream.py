@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import httptools
 import pytest
 from conftest import LOOPBACK, free_port
 from scripted_pod import ScriptedPod
@@ -26,6 +27,8 @@ from proxy.upstream_connection import (
     ConnectionClosedError,
     InvalidResponseError,
     ReadTimeoutError,
+    parse_header_block,
+    split_head,
 )
 
 READ_TIMEOUT_S = 5.0
@@ -248,6 +251,77 @@ async def test_ambiguous_length_is_protocol_error(
     assert failure.value.stage is Stage.OTHER
     assert isinstance(failure.value.cause, InvalidResponseError)
     assert [event.connection for event in pod.events] == [1, 2]
+
+
+# Response heads.
+
+
+async def test_head_split_across_reads_parsed_whole(
+    pool: UpstreamPool, pod: ScriptedPod
+) -> None:
+    response, body = await fetch(pool, pod, "/split-head")
+
+    assert response.reason == "Fine"
+    assert header(response, "X-Split") == ["one piece"]
+    assert response.content_length == 2
+    assert body == b"ok"
+
+
+async def test_header_values_match_llhttp(pool: UpstreamPool, pod: ScriptedPod) -> None:
+    response, _ = await fetch(pool, pod, "/spaced-headers")
+
+    assert header(response, "X-Spaced") == ["wide"]
+    assert header(response, "X-Tabbed") == ["value\t"]
+
+
+async def test_connection_tokens_of_every_header(
+    pool: UpstreamPool, pod: ScriptedPod
+) -> None:
+    response, _ = await fetch(pool, pod, "/connection-twice")
+
+    assert response.connection_tokens == {"keep-alive", "x-pod-scoped"}
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 200 OK\r\n\r\n",
+        b"HTTP/1.1 200\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.0 404 Not  Found \r\nA:b\r\nB:  \t c d \t\r\nC:\r\n\r\n",
+        b"\r\n\nHTTP/1.1 200 OK\r\nX-Raw: caf\xe9\r\nx-raw: \xc3\xa9\r\n\r\n",
+        b"ICE/1.0 200 OK\r\nContent-Length: 0\r\n\r\n",
+        b"RTSP/1.0 200 OK\r\nCSeq: 1\r\n\r\n",
+    ],
+)
+def test_split_head_matches_llhttp_callbacks(head: bytes) -> None:
+    seen = _LlhttpHead()
+    httptools.HttpResponseParser(seen).feed_data(head)
+
+    received = head.lstrip(b"\r\n")
+    status_line, block, end = split_head(received)
+
+    assert end == len(received)
+    assert status_line[5:] == seen.reason
+    assert parse_header_block(block) == seen.headers
+
+
+class _LlhttpHead:
+    """Collects what llhttp's status and header callbacks report for a head."""
+
+    def __init__(self) -> None:
+        self.reason = b""
+        self.headers: list[tuple[str, str]] = []
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append(
+            (
+                name.decode("utf-8", "surrogateescape"),
+                value.decode("utf-8", "surrogateescape"),
+            )
+        )
 
 
 # Interim and bodyless responses.

@@ -289,6 +289,104 @@ async def test_pod_header_bytes_kept_exactly(proxy: ProxyProcess) -> None:
     assert b"\r\nX-Raw: caf\xe9\r\n" in head
 
 
+async def test_pod_hop_by_hop_headers_dropped(proxy: ProxyProcess) -> None:
+    response = await exchange(proxy, request_head("/hop-by-hop"))
+
+    assert response.status == 200
+    for name in (
+        "Connection",
+        "Keep-Alive",
+        "X-Pod-Scoped",
+        "Proxy-Connection",
+        "Proxy-Authenticate",
+        "TE",
+        "Trailer",
+        "Upgrade",
+    ):
+        assert name not in response.headers
+    assert response.headers.getall("X-End-To-End") == ["kept"]
+    assert response.body == b"ok"
+
+
+@pytest.mark.parametrize(
+    ("script", "kept", "dropped"),
+    [
+        ("nginx-style", ["Server"], ["Connection"]),
+        ("connection-twice", ["X-End-To-End"], ["Connection", "X-Pod-Scoped"]),
+        ("connection-prefix", ["X-End-To-End"], ["Connection", "Keep-Alive-Ish"]),
+    ],
+)
+async def test_pod_connection_header_dropped(
+    proxy: ProxyProcess, script: str, kept: list[str], dropped: list[str]
+) -> None:
+    reader, writer = await open_client(proxy)
+    try:
+        writer.write(request_head(f"/{script}") + request_head("/length"))
+        await writer.drain()
+        response = await read_framed(reader)
+        next_response = await read_framed(reader)
+    finally:
+        await close_client(writer)
+
+    assert response.status == 200
+    for name in kept:
+        assert name in response.headers
+    for name in dropped:
+        assert name not in response.headers
+    assert response.body == b"ok"
+    assert next_response.body == b"hello"
+
+
+async def test_pod_header_lines_copied_with_spaces(proxy: ProxyProcess) -> None:
+    reader, writer = await open_client(proxy)
+    try:
+        writer.write(request_head("/spaced-headers"))
+        await writer.drain()
+        async with asyncio.timeout(RAW_TIMEOUT_S):
+            head = await reader.readuntil(b"\r\n\r\n")
+    finally:
+        await close_client(writer)
+
+    assert b"\r\nX-Spaced:   wide\r\n" in head
+    assert b"\r\nX-Tabbed:\tvalue\t\r\n" in head
+
+
+async def test_pod_head_split_across_reads(proxy: ProxyProcess) -> None:
+    reader, writer = await open_client(proxy)
+    try:
+        writer.write(request_head("/split-head"))
+        await writer.drain()
+        async with asyncio.timeout(RAW_TIMEOUT_S):
+            head = await reader.readuntil(b"\r\n\r\n")
+    finally:
+        await close_client(writer)
+
+    assert head.startswith(b"HTTP/1.1 200 Fine\r\n")
+    assert b"\r\nX-Split: one piece\r\n" in head
+
+
+async def test_interim_response_in_same_read_skipped(proxy: ProxyProcess) -> None:
+    response = await exchange(proxy, request_head("/interim-together"))
+
+    assert response.status_line == "HTTP/1.1 200 OK"
+    assert "Link" not in response.headers
+    assert response.headers.get("X-Final") == "yes"
+    assert response.body == b"final"
+
+
+async def test_pod_status_without_reason_relayed(proxy: ProxyProcess) -> None:
+    reader, writer = await open_client(proxy)
+    try:
+        writer.write(request_head("/no-reason"))
+        await writer.drain()
+        async with asyncio.timeout(RAW_TIMEOUT_S):
+            head = await reader.readuntil(b"\r\n\r\n")
+    finally:
+        await close_client(writer)
+
+    assert head.startswith(b"HTTP/1.1 200 \r\n")
+
+
 @pytest.mark.parametrize(
     ("script", "status_line"),
     [
@@ -569,6 +667,30 @@ async def test_active_stream_outlives_read_timeout(proxy: ProxyProcess) -> None:
 
     assert response.status == 200
     assert response.body == b"tick" * 8
+
+
+async def test_client_header_lines_reach_pod_as_sent(proxy: ProxyProcess) -> None:
+    head = (
+        "GET /echo HTTP/1.1\r\n"
+        f"host: {LOOPBACK}\r\n"
+        "x-uid: reader\r\n"
+        "x-service: game\r\n"
+        "accept-ENCODING: identity\r\n"
+        "X-Raw: caf\xe9\r\n"
+        "\r\n"
+    ).encode("latin-1")
+
+    response = await exchange(proxy, head)
+
+    assert response.status == 200
+    assert response.body.startswith(
+        f"GET /echo HTTP/1.1\r\nhost: {LOOPBACK}\r\nx-uid: reader\r\n"
+        "x-service: game\r\naccept-ENCODING: identity\r\n".encode()
+    )
+    assert b"\r\nX-Raw: caf\xe9\r\n" in response.body
+    assert b"\r\nX-Forwarded-For: 127.0.0.1\r\n" in response.body
+    assert b"\r\nX-Forwarded-Proto: http\r\n" in response.body
+    assert f"\r\nX-Forwarded-Host: {LOOPBACK}\r\n".encode() in response.body
 
 
 async def test_slow_upload_outlives_read_timeout(proxy: ProxyProcess) -> None:

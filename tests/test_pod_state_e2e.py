@@ -11,7 +11,6 @@ sidecar in its pod role and reads what it publishes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import json
 import signal
@@ -174,6 +173,7 @@ class Publisher:
         self._period_s = period_s
         self._records: dict[int, dict[str, Any]] = {}
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     async def publish(self, index: int, routing: str = "READY", **fields: Any) -> None:
         """Write the record of `index` now, and again every period from now on."""
@@ -187,13 +187,21 @@ class Publisher:
         self._task = asyncio.create_task(self._run())
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        self._stopping = True
+        task = self._task
+        if task is None:
+            return
+        task.cancel()
+        # In two full runs this teardown waited forever while the loop kept
+        # writing, so the cancel was lost, likely inside a Redis command.
+        # The flag ends the loop at its next turn even then.
+        await asyncio.wait([task])
+        if not task.cancelled():
+            # Retrieved so that asyncio does not log it as never retrieved.
+            task.exception()
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             await asyncio.sleep(self._period_s)
             for index, fields in list(self._records.items()):
                 await write_record(self._client, index, **fields)

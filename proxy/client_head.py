@@ -197,6 +197,10 @@ class ClientHeadEncoder:
         names.discard("")
         if upstream.status in _NO_LENGTH_STATUSES:
             names.add("content-length")
+        else:
+            # The client's framing: a pod that names it in Connection would
+            # leave a keep-alive response without a length.
+            names.discard("content-length")
         return names
 
 

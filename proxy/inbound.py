@@ -25,6 +25,7 @@ a request without a body the shared ``EMPTY_PAYLOAD``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import re
@@ -47,6 +48,7 @@ from aiohttp.http_exceptions import (
     BadStatusLine,
     HttpProcessingError,
     LineTooLong,
+    TransferEncodingError,
 )
 from aiohttp.streams import EMPTY_PAYLOAD
 
@@ -437,8 +439,9 @@ class InboundServer(IdleSweepServer):
 
 # The states of a client connection's bytes, as `_follow` reads them: in a
 # request head, at the size line of a chunk, in the trailer section of a
-# chunked body, at a whole head that waits for aiohttp's message, and lost.
-_HEAD, _CHUNK_SIZE, _TRAILERS, _WAITING, _LOST = range(5)
+# chunked body, at a whole head that waits for aiohttp's message, behind an
+# upgrade request, lost, and ignored after a body that broke a limit.
+_HEAD, _CHUNK_SIZE, _TRAILERS, _WAITING, _UPGRADED, _LOST, _BROKEN = range(7)
 _LINE_ENDS = b"\r\n"
 
 
@@ -471,7 +474,7 @@ class _MessageQueue(list[Any]):
 class InboundRequestHandler(OnDemandRequestHandler):
     """aiohttp's connection handler with JSON errors and a header timeout."""
 
-    __slots__ = ("_head", "_head_timer", "_limits", "_mode", "_skip")
+    __slots__ = ("_head", "_head_timer", "_limits", "_lost", "_mode", "_skip")
 
     def __init__(self, manager: InboundServer, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -487,6 +490,8 @@ class InboundRequestHandler(OnDemandRequestHandler):
         # of a body (see `_follow`).
         self._mode = _HEAD
         self._skip = 0
+        # Set while a connection whose body broke a limit waits for the close.
+        self._lost: asyncio.Future[None] | None = None
 
     def _new_parser(self) -> HttpRequestParser:
         parser = super()._new_parser()
@@ -512,6 +517,26 @@ class InboundRequestHandler(OnDemandRequestHandler):
         # the close, instead of a wait of up to aiohttp's lingering_time.
         return not (isinstance(response, _ErrorResponse) and response.status == 408)
 
+    async def _linger(
+        self, loop: asyncio.AbstractEventLoop, payload: StreamReader
+    ) -> None:
+        if self._mode != _BROKEN:
+            await super()._linger(loop, payload)
+            return
+        # The body was failed on purpose and data_received drops what still
+        # comes. The end of the response is sent, and the connection stays
+        # open until the client closes it or lingering_time passes, so that
+        # the client reads the response rather than a reset.
+        transport = self.transport
+        if transport is None:
+            return
+        if transport.can_write_eof():
+            transport.write_eof()
+        lost = loop.create_future()
+        self._lost = lost
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(lost, self._lingering_time)
+
     def _awaiting_head(self) -> bool:
         """Return whether the next bytes of the connection start a request head.
 
@@ -527,13 +552,15 @@ class InboundRequestHandler(OnDemandRequestHandler):
         )
 
     def data_received(self, data: bytes) -> None:
+        if self._mode == _BROKEN:
+            return
         if self._force_close or self._close:
             super().data_received(data)
             return
         messages = self._messages
         queued = len(messages)
         super().data_received(data)
-        if self._mode == _LOST:
+        if self._mode >= _UPGRADED:
             return
         if (
             self._mode == _HEAD
@@ -554,12 +581,11 @@ class InboundRequestHandler(OnDemandRequestHandler):
                     return
         found = self._follow(data, queued)
         if found is not None:
-            position, error, offset = found
+            position, error, rest = found
             for _ in range(len(messages) - position):
                 messages.pop()
             if error is None:
-                # The messages after the trailers came from the old parser.
-                self.data_received(data[offset:])
+                self.data_received(rest)
                 return
             messages.append(error)
             self._mode = _LOST
@@ -592,15 +618,15 @@ class InboundRequestHandler(OnDemandRequestHandler):
                 self._limits.header_timeout_s, self._on_head_timeout
             )
 
-    def _follow(self, data: bytes, queued: int) -> tuple[int, Any, int] | None:
+    def _follow(self, data: bytes, queued: int) -> tuple[int, Any, bytes] | None:
         """Follow `data` through the request heads and bodies of the connection.
 
         Each head that `data` completes is checked raw, with the message
         that aiohttp parsed from it, the queued message at `position`.
         Returns None when every head passed. Otherwise returns the position
         in the queue from which the messages are replaced, the rejection
-        that replaces them, and the offset in `data` from which a new
-        parser reads again when the rejection is None.
+        that replaces them, and, when the rejection is None, the bytes that
+        the parser reads again instead.
         """
         messages = self._messages
         position = queued
@@ -611,6 +637,7 @@ class InboundRequestHandler(OnDemandRequestHandler):
             self._mode = _HEAD
         pos = 0
         end = len(data)
+        upgrade_declined = False
         while pos < end:
             skip = self._skip
             if skip:
@@ -642,6 +669,11 @@ class InboundRequestHandler(OnDemandRequestHandler):
                 stop = chunk.find(b"\r\n", search_from)
                 if stop < 0:
                     self._head = bytearray(chunk) if not buffered else chunk
+                    if len(chunk) > self._limits.max_header_field_bytes:
+                        self._break_body(
+                            "chunk size line exceeds the limit of "
+                            f"{self._limits.max_header_field_bytes} bytes"
+                        )
                     break
                 self._head = b""
                 pos += stop + 2 - buffered
@@ -664,6 +696,11 @@ class InboundRequestHandler(OnDemandRequestHandler):
             stop = chunk.find(b"\r\n\r\n", search_from)
             if stop < 0:
                 self._head = bytearray(chunk) if not buffered else chunk
+                if mode == _TRAILERS and len(chunk) > self._limits.max_header_bytes:
+                    self._break_body(
+                        "trailer section exceeds the limit of "
+                        f"{self._limits.max_header_bytes} bytes"
+                    )
                 break
             self._head = b""
             pos += stop + 4 - buffered
@@ -673,10 +710,18 @@ class InboundRequestHandler(OnDemandRequestHandler):
                 # the headers of the next request. A new parser starts clean.
                 self._parser = self._new_parser()
                 if pos < end:
-                    return position, None, pos
+                    # The messages after the trailers came from the old
+                    # parser, so the new one reads their bytes again.
+                    return position, None, data[pos:]
                 continue
             # A whole request head, from `mode` _HEAD or _WAITING.
             if position == len(messages):
+                if upgrade_declined:
+                    # aiohttp's C parser (3.14.5) drops the bytes after an
+                    # upgrade that it does not support, such as h2c, and
+                    # reads the next bytes afresh. They are fed again.
+                    self._mode = _HEAD
+                    return position, None, bytes(chunk)
                 # The parser queued no message for it yet, as it stops at a
                 # full queue. It is checked when the message comes.
                 self._head = chunk
@@ -687,18 +732,24 @@ class InboundRequestHandler(OnDemandRequestHandler):
             message = messages[position][0]
             problem = head_rejection(head)
             if problem is not None:
-                return position, _error_message(problem, messages[position][1]), 0
+                return position, _error_message(problem, messages[position][1]), b""
             position += 1
             self._mode = _HEAD
-            if (
-                isinstance(message, web_protocol._ErrInfo)
-                or message.upgrade
-                or message.method == hdrs.METH_CONNECT
+            if isinstance(message, web_protocol._ErrInfo) or (
+                message.method == hdrs.METH_CONNECT
             ):
-                # The connection closes after the error, and the bytes
-                # after an upgrade belong to the tunnel.
+                # The connection closes after the error.
                 self._mode = _LOST
                 break
+            upgrade_declined = False
+            if message.upgrade:
+                if self._upgraded:
+                    # The bytes after it belong to the tunnel, or, when the
+                    # pod declines the upgrade, to `finish_response`.
+                    self._mode = _UPGRADED
+                    break
+                # The parser itself declined it and reads on.
+                upgrade_declined = True
             if message.chunked:
                 self._mode = _CHUNK_SIZE
             else:
@@ -712,8 +763,51 @@ class InboundRequestHandler(OnDemandRequestHandler):
             self._head = b""
         return None
 
+    async def finish_response(
+        self,
+        request: web.BaseRequest,
+        resp: web.StreamResponse,
+        start_time: float | None,
+    ) -> tuple[web.StreamResponse, bool]:
+        if (
+            self._upgraded
+            and not self._messages
+            and self._payload_parser is None
+            and self._parser is not None
+        ):
+            # The upgrade was declined. aiohttp would parse the bytes behind
+            # it here, so they are parsed through data_received instead, and
+            # checked like any others.
+            self._parser.set_upgraded(False)
+            self._upgraded = False
+            tail = self._message_tail
+            self._message_tail = b""
+            if self._mode == _UPGRADED:
+                self._mode = _HEAD
+            if tail:
+                self.data_received(tail)
+        return await super().finish_response(request, resp, start_time)
+
+    def _break_body(self, problem: str) -> None:
+        """Fail the request body in progress, and ignore the rest of the connection.
+
+        The handler reads the failure from the body and responds with 400.
+        Nothing more is parsed, so a client that keeps sending costs no
+        memory, and the connection closes after the response.
+        """
+        self._mode = _BROKEN
+        self._head = b""
+        peer = self.peername
+        host = peer[0] if isinstance(peer, tuple) else peer
+        logger.info("rejected request body from %s: %s", host, problem)
+        payload = self._last_payload
+        if payload is not None and not payload.is_eof():
+            payload.set_exception(TransferEncodingError(problem))
+
     def connection_lost(self, exc: BaseException | None) -> None:
         self._cancel_head_timer()
+        if self._lost is not None and not self._lost.done():
+            self._lost.set_result(None)
         super().connection_lost(exc)
 
     def _cancel_head_timer(self) -> None:

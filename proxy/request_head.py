@@ -85,11 +85,14 @@ def _connection_options(source: CIMultiDictProxy[str]) -> frozenset[str] | set[s
     """Return the lowercased options of the client's Connection headers."""
     if "Connection" not in source:
         return _NOTHING
-    return {
+    options = {
         token.strip().lower()
         for value in source.getall("Connection")
         for token in value.split(",")
     }
+    # The pod always gets the one Host line, which HTTP/1.1 requires.
+    options.discard("host")
+    return options
 
 
 def _client_headers(

@@ -115,6 +115,10 @@ SCRIPTS: dict[str, list[Step]] = {
         b"X-End-To-End: kept\r\nconnection: x-pod-scoped\r\n"
         b"Content-Length: 2\r\n\r\nok"
     ],
+    "connection-content-length": [
+        b"HTTP/1.1 200 OK\r\nConnection: content-length, x-pod-scoped\r\n"
+        b"X-Pod-Scoped: 1\r\nX-End-To-End: kept\r\nContent-Length: 2\r\n\r\nok"
+    ],
     "connection-prefix": [
         b"HTTP/1.1 200 OK\r\nConnection: keep-alive-ish\r\n"
         b"Keep-Alive-Ish: 1\r\nX-End-To-End: kept\r\nContent-Length: 2\r\n\r\nok"

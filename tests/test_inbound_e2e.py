@@ -593,6 +593,14 @@ async def test_http_1_0_without_host_forwarded(proxy: Proxy) -> None:
     assert "X-Forwarded-Host" not in seen
 
 
+async def test_connection_cannot_remove_host(proxy: Proxy) -> None:
+    reply = await exchange(proxy.port, head("host-named", extra="Connection: host\r\n"))
+
+    assert reply.status == 200
+    seen = CIMultiDict(reply.json()["headers"])
+    assert seen.getall("Host") == [f"{LOOPBACK}:0"]
+
+
 # Request targets.
 
 TARGETS = [
@@ -1375,3 +1383,70 @@ async def test_trailer_stays_out_of_next_request(
     assert second_status == 200
     assert json.loads(second_body)["target"] == f"/{marker}-second"
     assert "X-Leaked" not in second_body.decode()
+
+
+LONG_BODY_LINES = {
+    # A chunk extension that never ends: 128 KiB, past max_header_field_bytes.
+    "chunk-size-line": (b"1;ext=", b"e" * 4096, 32),
+    # Short trailer lines that never end the section: past max_header_bytes.
+    "trailer-section": (b"0\r\n", b"X-Trailer-Line: %s\r\n" % (b"t" * 1000), 80),
+}
+
+
+@pytest.mark.parametrize("case", list(LONG_BODY_LINES))
+async def test_endless_body_line_gets_400(
+    proxy: Proxy, pod: RecordPod, case: str
+) -> None:
+    start, piece, count = LONG_BODY_LINES[case]
+    marker = f"endless-{case}"
+    extra = "Transfer-Encoding: chunked\r\n"
+    reader, writer = await asyncio.open_connection(LOOPBACK, proxy.port)
+    try:
+        writer.write(head(marker, f"/{marker}", extra, "POST") + start)
+        with contextlib.suppress(ConnectionError):
+            for _ in range(count):
+                writer.write(piece)
+                await writer.drain()
+        async with asyncio.timeout(RAW_TIMEOUT_S):
+            status, headers, body = await read_response(reader)
+            rest = await reader.read()
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+    assert status == 400
+    assert json.loads(body)["error"] == "invalid_body"
+    assert headers.get("Connection") == "close"
+    assert rest == b""
+
+
+@pytest.mark.parametrize("pipelined", [True, False], ids=["pipelined", "later"])
+async def test_head_after_declined_upgrade_checked(
+    proxy: Proxy, pod: RecordPod, pipelined: bool
+) -> None:
+    # The pod declines the upgrade with a 200, and the connection goes on.
+    marker = f"declined-{'pipelined' if pipelined else 'later'}"
+    upgrade = head(marker, f"/{marker}", "Connection: Upgrade\r\nUpgrade: h2c\r\n")
+    bad = head(marker, f"/{marker}-bad", "Transfer-Encoding: chunked\t\r\n", "POST")
+    bad += b"3\r\nabc\r\n0\r\n\r\n"
+    mark = pod.mark()
+    reader, writer = await asyncio.open_connection(LOOPBACK, proxy.port)
+    try:
+        async with asyncio.timeout(RAW_TIMEOUT_S):
+            if pipelined:
+                writer.write(upgrade + bad)
+                first_status, _, _ = await read_response(reader)
+            else:
+                writer.write(upgrade)
+                first_status, _, _ = await read_response(reader)
+                writer.write(bad)
+            second_status, _, second_body = await read_response(reader)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+    assert first_status == 200
+    assert second_status == 400
+    assert "Transfer-Encoding" in json.loads(second_body)["message"]
+    assert reaching(pod, mark, f"{marker}-bad") == []

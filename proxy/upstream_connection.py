@@ -673,6 +673,8 @@ class Connection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         # llhttp also ends the message of a 101, but a tunnel ends at close.
         if self._response is not None and not self.tunnel:
+            # A Connection: close in the trailer section ends keep-alive too.
+            self._keep_alive = self._keep_alive and self._parser.should_keep_alive()
             self._complete_message()
 
     # Internals.

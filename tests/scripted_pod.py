@@ -56,6 +56,9 @@ SCRIPTS: dict[str, list[Step]] = {
     "connection-close": [
         _OK_HEAD + b"Content-Length: 5\r\nConnection: close\r\n\r\nhello"
     ],
+    "trailer-close": [
+        _CHUNKED_HEAD + b"5\r\nhello\r\n0\r\nX-Sum: 1\r\nConnection: close\r\n\r\n"
+    ],
     "short-length": [_OK_HEAD + b"Content-Length: 10\r\n\r\nhello", CLOSE],
     "cut-chunked": [_CHUNKED_HEAD + b"5\r\nhello\r\n", CLOSE],
     "reset-in-body": [_OK_HEAD + b"Content-Length: 10\r\n\r\nhello", 0.05, RESET],

@@ -156,6 +156,16 @@ async def test_connection_close_response_not_reused(
     assert [event.connection for event in pod.events] == [1, 2]
 
 
+async def test_trailer_connection_close_not_reused(
+    pool: UpstreamPool, pod: ScriptedPod
+) -> None:
+    _, body = await fetch(pool, pod, "/trailer-close")
+    await fetch(pool, pod, "/length")
+
+    assert body == b"hello"
+    assert [event.connection for event in pod.events] == [1, 2]
+
+
 async def test_unread_body_not_reused(pool: UpstreamPool, pod: ScriptedPod) -> None:
     response = await send(pool, pod, "/first-then-wait")
     response.release()

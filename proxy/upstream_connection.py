@@ -610,6 +610,12 @@ class Connection(asyncio.Protocol):
             # llhttp skips CR and LF bytes before a status line.
             received = received.lstrip(b"\r\n")
         status_line, block, head_end = split_head(received)
+        if status < 100:
+            # llhttp takes any three digits, and 0xx is no status class.
+            raise InvalidResponseError(f"status {status} below 100")
+        if 0 in status_line:
+            # llhttp accepts NUL in a reason phrase, which no client gets.
+            raise InvalidResponseError("NUL in the status line")
         if status == 101 and self._upgrade:
             # A tunnel has no read timeout, because a WebSocket may stay
             # quiet for long.

@@ -56,6 +56,8 @@ SCRIPTS: dict[str, list[Step]] = {
     "connection-close": [
         _OK_HEAD + b"Content-Length: 5\r\nConnection: close\r\n\r\nhello"
     ],
+    "status-099": [b"HTTP/1.1 099 Weird\r\nContent-Length: 2\r\n\r\nok"],
+    "nul-reason": [b"HTTP/1.1 200 O\x00K\r\nContent-Length: 2\r\n\r\nok"],
     "trailer-close": [
         _CHUNKED_HEAD + b"5\r\nhello\r\n0\r\nX-Sum: 1\r\nConnection: close\r\n\r\n"
     ],

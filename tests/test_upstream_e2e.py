@@ -623,6 +623,32 @@ async def test_ambiguous_pod_length_gives_502_and_new_connection(
     assert connections[0] != connections[1]
 
 
+@pytest.mark.parametrize("script", ["status-099", "nul-reason"])
+async def test_invalid_pod_status_line_gives_502(
+    proxy: ProxyProcess, pod_log: PodLog, script: str
+) -> None:
+    # llhttp accepts both lines, which the proxy rejects itself.
+    marker = f"status-{script}"
+    reader, writer = await open_client(proxy)
+    try:
+        writer.write(request_head(f"/{script}?{marker}"))
+        await writer.drain()
+        failed = await read_framed(reader)
+        writer.write(request_head(f"/length?{marker}"))
+        await writer.drain()
+        after = await read_framed(reader)
+    finally:
+        await close_client(writer)
+
+    connections = [event["connection"] for event in pod_log.events(marker)]
+    assert failed.status == 502
+    assert json.loads(failed.body)["error"] == "pod_error"
+    assert after.status == 200
+    assert len(connections) == 2
+    assert connections[0] != connections[1]
+    assert "Traceback" not in proxy.log()
+
+
 # Streaming.
 
 

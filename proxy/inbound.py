@@ -64,11 +64,11 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # Maximum length of a client value quoted in an error message or log line.
 _SHOWN_LENGTH = 100
-# A Transfer-Encoding line as the proxy accepts it: exactly "chunked", with
-# at most one space after the colon. The Python parser strips tabs and
-# trailing spaces that the C parser rejects, so the raw head is checked too.
+# A Transfer-Encoding line as the proxy accepts it: exactly "chunked", after
+# spaces only. The Python parser strips tabs and trailing spaces that the C
+# parser rejects, so the raw head is checked too.
 _TRANSFER_ENCODING_LINE = re.compile(rb"(?im)^transfer-encoding:(.*)$")
-_CHUNKED_VALUE = re.compile(rb"(?i) ?chunked\r?")
+_CHUNKED_VALUE = re.compile(rb"(?i) *chunked\r?")
 # Characters that the proxy rejects in a request target: controls, space,
 # DEL and anything beyond ASCII, which a client must percent-encode.
 _TARGET_FORBIDDEN = re.compile(r"[^\x21-\x7e]")

@@ -593,6 +593,16 @@ async def test_http_1_0_without_host_forwarded(proxy: Proxy) -> None:
     assert "X-Forwarded-Host" not in seen
 
 
+async def test_chunked_after_spaces_accepted(proxy: Proxy) -> None:
+    extra = "Transfer-Encoding:   chunked\r\n"
+    request = head("spaced-coding", "/spaced-coding", extra, "POST")
+
+    reply = await exchange(proxy.port, request + b"2\r\nok\r\n0\r\n\r\n")
+
+    assert reply.status == 200
+    assert reply.json()["length"] == 2
+
+
 async def test_connection_cannot_remove_host(proxy: Proxy) -> None:
     reply = await exchange(proxy.port, head("host-named", extra="Connection: host\r\n"))
 

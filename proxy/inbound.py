@@ -520,13 +520,16 @@ class InboundRequestHandler(OnDemandRequestHandler):
     async def _linger(
         self, loop: asyncio.AbstractEventLoop, payload: StreamReader
     ) -> None:
-        if self._mode != _BROKEN:
+        if self._mode != _BROKEN and payload.exception() is None:
             await super()._linger(loop, payload)
             return
-        # The body was failed on purpose and data_received drops what still
-        # comes. The end of the response is sent, and the connection stays
-        # open until the client closes it or lingering_time passes, so that
-        # the client reads the response rather than a reset.
+        # The body failed, here or in the parser, so nothing more is parsed
+        # and data_received drops what still comes. The end of the response
+        # is sent, and the connection stays open until the client closes it
+        # or lingering_time passes, so the client reads the response rather
+        # than a reset.
+        self._mode = _BROKEN
+        self._head = b""
         transport = self.transport
         if transport is None:
             return

@@ -50,6 +50,7 @@ from aiohttp.http_exceptions import (
     LineTooLong,
     TransferEncodingError,
 )
+from aiohttp.http_parser import HttpRequestParserPy
 from aiohttp.streams import EMPTY_PAYLOAD
 
 from proxy.chunks import strict_chunk_lines
@@ -474,7 +475,15 @@ class _MessageQueue(list[Any]):
 class InboundRequestHandler(OnDemandRequestHandler):
     """aiohttp's connection handler with JSON errors and a header timeout."""
 
-    __slots__ = ("_head", "_head_timer", "_limits", "_lost", "_mode", "_skip")
+    __slots__ = (
+        "_head",
+        "_head_timer",
+        "_limits",
+        "_lost",
+        "_mode",
+        "_refeed",
+        "_skip",
+    )
 
     def __init__(self, manager: InboundServer, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -492,6 +501,9 @@ class InboundRequestHandler(OnDemandRequestHandler):
         self._skip = 0
         # Set while a connection whose body broke a limit waits for the close.
         self._lost: asyncio.Future[None] | None = None
+        # Whether the bytes after the request in progress go to the parser
+        # again when it ends, after an upgrade that the parser declined.
+        self._refeed = False
 
     def _new_parser(self) -> HttpRequestParser:
         parser = super()._new_parser()
@@ -521,8 +533,12 @@ class InboundRequestHandler(OnDemandRequestHandler):
         self, loop: asyncio.AbstractEventLoop, payload: StreamReader
     ) -> None:
         if self._mode != _BROKEN and payload.exception() is None:
-            await super()._linger(loop, payload)
-            return
+            try:
+                await super()._linger(loop, payload)
+                return
+            except Exception:
+                # The body failed while it was read and dropped, as below.
+                pass
         # The body failed, here or in the parser, so nothing more is parsed
         # and data_received drops what still comes. The end of the response
         # is sent, and the connection stays open until the client closes it
@@ -562,7 +578,21 @@ class InboundRequestHandler(OnDemandRequestHandler):
             return
         messages = self._messages
         queued = len(messages)
+        previous = self._last_payload
         super().data_received(data)
+        if (
+            previous is not None
+            and len(messages) > queued
+            and isinstance(messages[-1][0], web_protocol._ErrInfo)
+            and not previous.is_eof()
+            and previous.exception() is None
+        ):
+            # aiohttp queues a parse error in the body's trailers, such as a
+            # line beyond its limit, as a request of its own, and the body
+            # would wait for bytes that never come.
+            self._last_payload = previous
+            self._break_body(messages[-1][0].message)
+            return
         if self._mode >= _UPGRADED:
             return
         if (
@@ -640,13 +670,17 @@ class InboundRequestHandler(OnDemandRequestHandler):
             self._mode = _HEAD
         pos = 0
         end = len(data)
-        upgrade_declined = False
         while pos < end:
             skip = self._skip
             if skip:
                 step = min(skip, end - pos)
                 self._skip = skip - step
                 pos += step
+                if self._refeed and not self._skip and self._mode == _HEAD:
+                    # The body of the declined upgrade ended here.
+                    self._refeed = False
+                    if pos < end:
+                        return position, None, data[pos:]
                 continue
             mode = self._mode
             buffered = len(self._head)
@@ -695,6 +729,11 @@ class InboundRequestHandler(OnDemandRequestHandler):
                 self._head = b""
                 pos += 2 - buffered
                 self._mode = _HEAD
+                if self._refeed:
+                    # The chunked body of the declined upgrade ended here.
+                    self._refeed = False
+                    if pos < end:
+                        return position, None, data[pos:]
                 continue
             stop = chunk.find(b"\r\n\r\n", search_from)
             if stop < 0:
@@ -712,6 +751,7 @@ class InboundRequestHandler(OnDemandRequestHandler):
                 # aiohttp's C parser (3.14.5) adds the last trailer field to
                 # the headers of the next request. A new parser starts clean.
                 self._parser = self._new_parser()
+                self._refeed = False
                 if pos < end:
                     # The messages after the trailers came from the old
                     # parser, so the new one reads their bytes again.
@@ -719,12 +759,6 @@ class InboundRequestHandler(OnDemandRequestHandler):
                 continue
             # A whole request head, from `mode` _HEAD or _WAITING.
             if position == len(messages):
-                if upgrade_declined:
-                    # aiohttp's C parser (3.14.5) drops the bytes after an
-                    # upgrade that it does not support, such as h2c, and
-                    # reads the next bytes afresh. They are fed again.
-                    self._mode = _HEAD
-                    return position, None, bytes(chunk)
                 # The parser queued no message for it yet, as it stops at a
                 # full queue. It is checked when the message comes.
                 self._head = chunk
@@ -744,21 +778,26 @@ class InboundRequestHandler(OnDemandRequestHandler):
                 # The connection closes after the error.
                 self._mode = _LOST
                 break
-            upgrade_declined = False
             if message.upgrade:
                 if self._upgraded:
                     # The bytes after it belong to the tunnel, or, when the
                     # pod declines the upgrade, to `finish_response`.
                     self._mode = _UPGRADED
                     break
-                # The parser itself declined it and reads on.
-                upgrade_declined = True
+                # The parser declined it itself and reads on. aiohttp's C
+                # parser (3.14.5) then drops the bytes after the end of this
+                # request in the read where it ends, so they are fed again.
+                self._refeed = not isinstance(self._parser, HttpRequestParserPy)
             if message.chunked:
                 self._mode = _CHUNK_SIZE
             else:
                 length = message.headers.get(hdrs.CONTENT_LENGTH)
                 if length:
                     self._skip = int(length)
+                elif self._refeed:
+                    self._refeed = False
+                    if pos < end:
+                        return position, None, data[pos:]
         if position != len(messages):
             # aiohttp queued a message where no head was found: stop checking
             # rather than check the wrong bytes.

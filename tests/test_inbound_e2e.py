@@ -1400,6 +1400,8 @@ LONG_BODY_LINES = {
     "chunk-size-line": (b"1;ext=", b"e" * 4096, 32),
     # Short trailer lines that never end the section: past max_header_bytes.
     "trailer-section": (b"0\r\n", b"X-Trailer-Line: %s\r\n" % (b"t" * 1000), 80),
+    # One trailer line past max_header_field_bytes, which the parsers reject.
+    "trailer-line": (b"0\r\nX-Trailer-Line: ", b"t" * 1000, 40),
 }
 
 
@@ -1460,3 +1462,41 @@ async def test_head_after_declined_upgrade_checked(
     assert second_status == 400
     assert "Transfer-Encoding" in json.loads(second_body)["message"]
     assert reaching(pod, mark, f"{marker}-bad") == []
+
+
+@pytest.mark.parametrize(
+    "cut", ["in-upgrade-body", "in-next-method", "in-next-end", "after-next"]
+)
+async def test_requests_behind_declined_upgrade_answered(
+    proxy: Proxy, pod: RecordPod, cut: str
+) -> None:
+    # aiohttp's C parser drops the bytes after an h2c upgrade request in the
+    # read where it ends, and the pod declines the upgrade with a 200.
+    marker = f"behind-h2c-{cut}"
+    extra = "Connection: Upgrade\r\nUpgrade: h2c\r\nContent-Length: 5\r\n"
+    upgrade = head(marker, f"/{marker}-0", extra, "POST") + b"hello"
+    second = head(marker, f"/{marker}-1")
+    stream = upgrade + second + head(marker, f"/{marker}-2")
+    offset = {
+        "in-upgrade-body": len(upgrade) - 2,
+        "in-next-method": len(upgrade) + 2,
+        "in-next-end": len(upgrade) + len(second) - 2,
+        "after-next": len(upgrade) + len(second),
+    }[cut]
+    reader, writer = await asyncio.open_connection(LOOPBACK, proxy.port)
+    try:
+        writer.write(stream[:offset])
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(stream[offset:])
+        answered = []
+        async with asyncio.timeout(RAW_TIMEOUT_S):
+            for _ in range(3):
+                status, _, body = await read_response(reader)
+                assert status == 200, body
+                answered.append(json.loads(body)["target"])
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+    assert answered == [f"/{marker}-{number}" for number in range(3)]

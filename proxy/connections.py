@@ -255,7 +255,7 @@ class OnDemandRequestHandler(web_protocol.RequestHandler):
                 ):
                     # The connection ends after this request, as in aiohttp.
                     if self.transport is not None and not self._force_close:
-                        self.transport.close()
+                        self.end_connection()
                     return
             self._next_keepalive_close_time = loop.time() + self._keepalive_timeout
             if len(manager._connections) >= DROP_AT_ONCE_CONNECTIONS:
@@ -326,6 +326,11 @@ class OnDemandRequestHandler(web_protocol.RequestHandler):
             # go as soon as the request ends.
             request._task = None
         return True
+
+    def end_connection(self) -> None:
+        """Close the connection after its last response."""
+        assert self.transport is not None
+        self.transport.close()
 
     def lingers_after(self, response: web.StreamResponse) -> bool:
         """Return whether the unread body is read on after `response`.

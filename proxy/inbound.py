@@ -25,7 +25,6 @@ a request without a body the shared ``EMPTY_PAYLOAD``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import logging
 import re
@@ -479,7 +478,6 @@ class InboundRequestHandler(OnDemandRequestHandler):
         "_head",
         "_head_timer",
         "_limits",
-        "_lost",
         "_mode",
         "_refeed",
         "_skip",
@@ -499,8 +497,6 @@ class InboundRequestHandler(OnDemandRequestHandler):
         # of a body (see `_follow`).
         self._mode = _HEAD
         self._skip = 0
-        # Set while a connection whose body broke a limit waits for the close.
-        self._lost: asyncio.Future[None] | None = None
         # Whether the bytes after the request in progress go to the parser
         # again when it ends, after an upgrade that the parser declined.
         self._refeed = False
@@ -540,21 +536,29 @@ class InboundRequestHandler(OnDemandRequestHandler):
                 # The body failed while it was read and dropped, as below.
                 pass
         # The body failed, here or in the parser, so nothing more is parsed
-        # and data_received drops what still comes. The end of the response
-        # is sent, and the connection stays open until the client closes it
-        # or lingering_time passes, so the client reads the response rather
-        # than a reset.
+        # and data_received drops what still comes. `end_connection` then
+        # closes the connection, also after a pod's keep-alive response.
         self._mode = _BROKEN
         self._head = b""
+        self._keepalive = False
+
+    def end_connection(self) -> None:
+        """Close the connection, after the client's close when its request failed.
+
+        After an error response, the end of the response is sent and what
+        the client still sends is dropped until it closes the connection or
+        lingering_time passes. An immediate close would make the kernel
+        reset the connection at the client's next bytes, and the client
+        could lose the response.
+        """
         transport = self.transport
-        if transport is None:
+        assert transport is not None
+        if self._mode != _BROKEN or not transport.can_write_eof():
+            transport.close()
             return
-        if transport.can_write_eof():
-            transport.write_eof()
-        lost = loop.create_future()
-        self._lost = lost
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(lost, self._lingering_time)
+        transport.write_eof()
+        self._cancel_head_timer()
+        self._head_timer = self._loop.call_later(self._lingering_time, transport.close)
 
     def _awaiting_head(self) -> bool:
         """Return whether the next bytes of the connection start a request head.
@@ -848,8 +852,6 @@ class InboundRequestHandler(OnDemandRequestHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._cancel_head_timer()
-        if self._lost is not None and not self._lost.done():
-            self._lost.set_result(None)
         super().connection_lost(exc)
 
     def _cancel_head_timer(self) -> None:
@@ -901,7 +903,10 @@ class InboundRequestHandler(OnDemandRequestHandler):
 
         A parse error is logged as one line with the peer and the reason.
         Only an unexpected handler error (500) is logged with its traceback.
+        The connection ends after the error, so nothing more is parsed.
         """
+        self._mode = _BROKEN
+        self._head = b""
         if request.writer.output_size > 0:
             # aiohttp's own behaviour: a response already started, so the
             # connection can only be broken off.

@@ -1400,8 +1400,6 @@ LONG_BODY_LINES = {
     "chunk-size-line": (b"1;ext=", b"e" * 4096, 32),
     # Short trailer lines that never end the section: past max_header_bytes.
     "trailer-section": (b"0\r\n", b"X-Trailer-Line: %s\r\n" % (b"t" * 1000), 80),
-    # One trailer line past max_header_field_bytes, which the parsers reject.
-    "trailer-line": (b"0\r\nX-Trailer-Line: ", b"t" * 1000, 40),
 }
 
 
@@ -1415,6 +1413,9 @@ async def test_endless_body_line_gets_400(
     reader, writer = await asyncio.open_connection(LOOPBACK, proxy.port)
     try:
         writer.write(head(marker, f"/{marker}", extra, "POST") + start)
+        await writer.drain()
+        # The request goes to the pod before the rest arrives.
+        await asyncio.sleep(0.2)
         with contextlib.suppress(ConnectionError):
             for _ in range(count):
                 writer.write(piece)

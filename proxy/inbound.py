@@ -437,10 +437,11 @@ class InboundServer(IdleSweepServer):
         return InboundRequestHandler(self, loop=self._loop, **self._kwargs)
 
 
-# The states of a client connection's bytes, as `_follow` reads them: in a
-# request head, at the size line of a chunk, in the trailer section of a
-# chunked body, at a whole head that waits for aiohttp's message, behind an
-# upgrade request, lost, and ignored after a body that broke a limit.
+# The states of a client connection's bytes, as `_follow` reads them. The
+# bytes are in a request head, at a chunk's size line, in a chunked body's
+# trailer section, at a whole head that waits for aiohttp's message, or
+# behind an upgrade request. _LOST stops the checks, and _BROKEN drops the
+# bytes after a failed body or an error response.
 _HEAD, _CHUNK_SIZE, _TRAILERS, _WAITING, _UPGRADED, _LOST, _BROKEN = range(7)
 _LINE_ENDS = b"\r\n"
 
@@ -834,6 +835,11 @@ class InboundRequestHandler(OnDemandRequestHandler):
                 self.data_received(tail)
         return await super().finish_response(request, resp, start_time)
 
+    def _peer_host(self) -> Any:
+        """Return the client's address without its port, for a log line."""
+        peer = self.peername
+        return peer[0] if isinstance(peer, tuple) else peer
+
     def _break_body(self, problem: str) -> None:
         """Fail the request body in progress, and ignore the rest of the connection.
 
@@ -843,9 +849,7 @@ class InboundRequestHandler(OnDemandRequestHandler):
         """
         self._mode = _BROKEN
         self._head = b""
-        peer = self.peername
-        host = peer[0] if isinstance(peer, tuple) else peer
-        logger.info("rejected request body from %s: %s", host, problem)
+        logger.info("rejected request body from %s: %s", self._peer_host(), problem)
         payload = self._last_payload
         if payload is not None and not payload.is_eof():
             payload.set_exception(TransferEncodingError(problem))
@@ -876,9 +880,9 @@ class InboundRequestHandler(OnDemandRequestHandler):
         """
         self._cancel_head_timer()
         self._head = b""
-        peer = self.peername
-        host = peer[0] if isinstance(peer, tuple) else peer
-        logger.info("closed connection from %s with %d: %s", host, status, message)
+        logger.info(
+            "closed connection from %s with %d: %s", self._peer_host(), status, message
+        )
         transport = self.transport
         if transport is not None:
             body = json_error_body(code, message)

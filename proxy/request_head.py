@@ -73,9 +73,9 @@ def pod_request_headers(
     for name in kept_headers:
         lowered = name.lower()
         if lowered in dropped or lowered in named:
-            kept = source.get(name)
-            if kept is not None:
-                lines += f"{name}: {kept}\r\n"
+            value = source.get(name)
+            if value is not None:
+                lines += f"{name}: {value}\r\n"
     # aiohttp decodes header bytes as UTF-8 with surrogate escapes, so this
     # restores the client's bytes exactly.
     return lines.encode("utf-8", "surrogateescape")

@@ -1364,16 +1364,13 @@ async def test_pipelined_head_beyond_limit_gets_431(
     assert reaching(pod, mark, f"{marker}-second") == []
 
 
-@pytest.mark.parametrize("pipelined", [True, False], ids=["pipelined", "later"])
-async def test_trailer_stays_out_of_next_request(
-    proxy: Proxy, pod: RecordPod, pipelined: bool
-) -> None:
-    # aiohttp 3.14.5's C parser adds the last trailer field of a chunked body
-    # to the headers of the next request on the connection.
-    marker = f"trailer-{'pipelined' if pipelined else 'later'}"
-    first = head(marker, f"/{marker}-first", "Transfer-Encoding: chunked\r\n", "POST")
-    first += b"4\r\nbody\r\n0\r\nX-Leaked: 1\r\nX-Leaked-Last: 1\r\n\r\n"
-    second = head(marker, f"/{marker}-second")
+async def two_requests(
+    proxy: Proxy, first: bytes, second: bytes, pipelined: bool
+) -> tuple[int, int, bytes]:
+    """Send two requests on one connection, the second in the same write or later.
+
+    Returns the first status, the second status and the second body.
+    """
     reader, writer = await asyncio.open_connection(LOOPBACK, proxy.port)
     try:
         async with asyncio.timeout(RAW_TIMEOUT_S):
@@ -1388,6 +1385,22 @@ async def test_trailer_stays_out_of_next_request(
     finally:
         writer.close()
         await writer.wait_closed()
+    return first_status, second_status, second_body
+
+
+@pytest.mark.parametrize("pipelined", [True, False], ids=["pipelined", "later"])
+async def test_trailer_stays_out_of_next_request(
+    proxy: Proxy, pod: RecordPod, pipelined: bool
+) -> None:
+    # aiohttp 3.14.5's C parser adds the last trailer field of a chunked body
+    # to the headers of the next request on the connection.
+    marker = f"trailer-{'pipelined' if pipelined else 'later'}"
+    first = head(marker, f"/{marker}-first", "Transfer-Encoding: chunked\r\n", "POST")
+    first += b"4\r\nbody\r\n0\r\nX-Leaked: 1\r\nX-Leaked-Last: 1\r\n\r\n"
+    second = head(marker, f"/{marker}-second")
+    first_status, second_status, second_body = await two_requests(
+        proxy, first, second, pipelined
+    )
 
     assert first_status == 200
     assert second_status == 200
@@ -1444,20 +1457,9 @@ async def test_head_after_declined_upgrade_checked(
     bad = head(marker, f"/{marker}-bad", "Transfer-Encoding: chunked\t\r\n", "POST")
     bad += b"3\r\nabc\r\n0\r\n\r\n"
     mark = pod.mark()
-    reader, writer = await asyncio.open_connection(LOOPBACK, proxy.port)
-    try:
-        async with asyncio.timeout(RAW_TIMEOUT_S):
-            if pipelined:
-                writer.write(upgrade + bad)
-                first_status, _, _ = await read_response(reader)
-            else:
-                writer.write(upgrade)
-                first_status, _, _ = await read_response(reader)
-                writer.write(bad)
-            second_status, _, second_body = await read_response(reader)
-    finally:
-        writer.close()
-        await writer.wait_closed()
+    first_status, second_status, second_body = await two_requests(
+        proxy, upgrade, bad, pipelined
+    )
 
     assert first_status == 200
     assert second_status == 400

@@ -597,13 +597,13 @@ async def test_nothing_sent_yet_gives_502(proxy: ProxyProcess, script: str) -> N
 # Ambiguous lengths from the pod.
 
 
-@pytest.mark.parametrize(
-    "script", ["duplicate-length", "conflicting-length", "length-and-chunked"]
-)
-async def test_ambiguous_pod_length_gives_502_and_new_connection(
-    proxy: ProxyProcess, pod_log: PodLog, script: str
-) -> None:
-    marker = f"ambiguous-{script}"
+async def fail_then_follow(
+    proxy: ProxyProcess, pod_log: PodLog, script: str, marker: str
+) -> tuple[RawResponse, RawResponse, list[int]]:
+    """Send `script`, then a good request on the same client connection.
+
+    Returns both responses and the pod connection of each request.
+    """
     reader, writer = await open_client(proxy)
     try:
         writer.write(request_head(f"/{script}?{marker}"))
@@ -614,8 +614,20 @@ async def test_ambiguous_pod_length_gives_502_and_new_connection(
         after = await read_framed(reader)
     finally:
         await close_client(writer)
-
     connections = [event["connection"] for event in pod_log.events(marker)]
+    return failed, after, connections
+
+
+@pytest.mark.parametrize(
+    "script", ["duplicate-length", "conflicting-length", "length-and-chunked"]
+)
+async def test_ambiguous_pod_length_gives_502_and_new_connection(
+    proxy: ProxyProcess, pod_log: PodLog, script: str
+) -> None:
+    failed, after, connections = await fail_then_follow(
+        proxy, pod_log, script, f"ambiguous-{script}"
+    )
+
     assert failed.status == 502
     assert json.loads(failed.body)["error"] == "pod_error"
     assert after.status == 200
@@ -628,19 +640,10 @@ async def test_invalid_pod_status_line_gives_502(
     proxy: ProxyProcess, pod_log: PodLog, script: str
 ) -> None:
     # llhttp accepts both lines, which the proxy rejects itself.
-    marker = f"status-{script}"
-    reader, writer = await open_client(proxy)
-    try:
-        writer.write(request_head(f"/{script}?{marker}"))
-        await writer.drain()
-        failed = await read_framed(reader)
-        writer.write(request_head(f"/length?{marker}"))
-        await writer.drain()
-        after = await read_framed(reader)
-    finally:
-        await close_client(writer)
+    failed, after, connections = await fail_then_follow(
+        proxy, pod_log, script, f"status-{script}"
+    )
 
-    connections = [event["connection"] for event in pod_log.events(marker)]
     assert failed.status == 502
     assert json.loads(failed.body)["error"] == "pod_error"
     assert after.status == 200

@@ -264,6 +264,9 @@ class Connection(asyncio.Protocol):
         self._error: BaseException | None = None
         self._sender: asyncio.Task[None] | None = None
         self._request_sent = False
+        # Set while the sender of a streamed body waits for the client's
+        # next bytes, when a silent pod is not the one to blame.
+        self._awaiting_client = False
 
     @property
     def usable(self) -> bool:
@@ -396,18 +399,25 @@ class Connection(asyncio.Protocol):
             chunks = body
         transport = self._transport
         assert transport is not None
+        self._awaiting_client = True
         try:
             async for chunk in chunks:
-                if not chunk or self._closed:
-                    continue
-                if chunked:
-                    transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
-                else:
-                    transport.write(chunk)
-                # An upload in progress keeps the read timeout from firing,
-                # because a pod may respond only after the whole body.
-                self._last_activity = self._loop.time()
-                await self._drain()
+                self._awaiting_client = False
+                if chunk and not self._closed:
+                    if chunked:
+                        transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                    else:
+                        transport.write(chunk)
+                    # An upload in progress keeps the read timeout from
+                    # firing, because a pod may respond only after the whole
+                    # body. A pod that stops reading it stalls the drain,
+                    # and the read timeout runs.
+                    self._last_activity = self._loop.time()
+                    await self._drain()
+                self._awaiting_client = True
+            # The pod's read timeout runs from the end of the request.
+            self._awaiting_client = False
+            self._last_activity = self._loop.time()
             if chunked and not self._closed:
                 transport.write(b"0\r\n\r\n")
         except asyncio.CancelledError:
@@ -419,6 +429,8 @@ class Connection(asyncio.Protocol):
             self._fail(ClientBodyError(exc))
             self.close()
             return
+        finally:
+            self._awaiting_client = False
         self._request_sent = True
         if self._response is not None:
             self._response.request_sent = True
@@ -745,8 +757,10 @@ class Connection(asyncio.Protocol):
             self._timer = None
             return
         now = self._loop.time()
-        if self._reading_paused:
-            # The caller lags behind, so the pod is not the one that is silent.
+        if self._reading_paused or (self._awaiting_client and self._response is None):
+            # The caller lags behind, or the client has not sent the whole
+            # request yet, so the pod is not the one that is silent. A client
+            # that stops sending gets its 408 after `body_timeout_s`.
             self._last_activity = now
         if now - self._last_activity < timeout:
             self._timer = self._loop.call_at(

@@ -754,6 +754,45 @@ async def test_slow_upload_outlives_read_timeout(proxy: ProxyProcess) -> None:
     assert response.body.endswith(b"\r\n\r\n" + b"piece" * 8)
 
 
+@pytest.mark.parametrize(
+    ("body_parts", "delay_s", "pieces"),
+    [
+        # A pause longer than the 1 s read timeout between two chunks.
+        ([b"5\r\npiece\r\n", b"5\r\npiece\r\n"], 1.5, 2),
+        # A chunk extension sent a byte at a time, where the body yields no
+        # data to forward for 1.6 s.
+        ([b"5;x", *[b"x"] * 15, b"\r\npiece\r\n"], 0.1, 1),
+    ],
+    ids=["pause", "extension-drip"],
+)
+async def test_client_pause_is_not_a_pod_timeout(
+    proxy: ProxyProcess, body_parts: list[bytes], delay_s: float, pieces: int
+) -> None:
+    # The pod responds only after the whole body, so until the client has
+    # sent it, the pod's silence is the client's doing.
+    head = request_head(
+        "/echo?client-pause",
+        method="POST",
+        service="quick",
+        extra="Transfer-Encoding: chunked\r\n",
+    )
+    reader, writer = await open_client(proxy)
+    try:
+        writer.write(head)
+        for part in body_parts:
+            writer.write(part)
+            await writer.drain()
+            await asyncio.sleep(delay_s)
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        response = await read_framed(reader)
+    finally:
+        await close_client(writer)
+
+    assert response.status == 200
+    assert response.body.endswith(b"\r\n\r\n" + b"piece" * pieces)
+
+
 async def test_silent_pod_gives_504(proxy: ProxyProcess) -> None:
     response = await exchange(proxy, request_head("/silent", service="quick"))
 

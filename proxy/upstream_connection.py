@@ -37,6 +37,10 @@ _NO_TOKENS: frozenset[str] = frozenset()
 _CONTENT_LENGTH = "\r\ncontent-length:"
 _LINE_BREAK_BYTES = (ord("\r"), ord("\n"))
 _SPACE = ord(" ")
+# Largest response head, final or interim, taken from a pod; a larger one
+# is a 502. .NET's HttpClient also takes at most 64 KiB by default
+# (HttpClientHandler.MaxResponseHeadersLength).
+MAX_RESPONSE_HEAD_BYTES = 64 * 1024
 
 
 class UpstreamFailure(StatefulRouteError):
@@ -544,6 +548,8 @@ class Connection(asyncio.Protocol):
             self._head_parts.append(data)
         try:
             self._parser.feed_data(data)
+            if self._response is None and self._active:
+                self._check_head_size()
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
             if isinstance(cause, _HeadResponseDone):
@@ -563,6 +569,16 @@ class Connection(asyncio.Protocol):
                 self.on_body(data[offset:])
         except httptools.HttpParserError as exc:
             self._fail(InvalidResponseError(f"invalid response: {exc}"))
+            self.close()
+
+    def _check_head_size(self) -> None:
+        """Fail the exchange once a response head in progress is too large.
+
+        Until the head is complete, every byte in `_head_parts` is a head byte.
+        """
+        received = sum(len(part) for part in self._head_parts)
+        if received > MAX_RESPONSE_HEAD_BYTES:
+            self._fail(InvalidResponseError(_head_too_large()))
             self.close()
 
     def eof_received(self) -> bool:
@@ -622,6 +638,8 @@ class Connection(asyncio.Protocol):
             # llhttp skips CR and LF bytes before a status line.
             received = received.lstrip(b"\r\n")
         status_line, block, head_end = split_head(received)
+        if head_end > MAX_RESPONSE_HEAD_BYTES:
+            raise InvalidResponseError(_head_too_large())
         if status < 100:
             # llhttp takes any three digits, and 0xx is no status class.
             raise InvalidResponseError(f"status {status} below 100")
@@ -775,6 +793,10 @@ class Connection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+
+def _head_too_large() -> str:
+    return f"response head larger than {MAX_RESPONSE_HEAD_BYTES} bytes"
 
 
 async def _one_chunk(body: bytes) -> AsyncIterator[bytes]:

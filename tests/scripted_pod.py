@@ -43,6 +43,9 @@ Step = bytes | float | str
 
 _OK_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
 _CHUNKED_HEAD = _OK_HEAD + b"Transfer-Encoding: chunked\r\n\r\n"
+# 40 header lines of 2,015 bytes, 80,600 bytes in all.
+_FILLER = b"".join(b"X-Filler-%02d: %b\r\n" % (i, b"f" * 2000) for i in range(40))
+_FILLER_LINE = len(_FILLER) // 40
 
 SCRIPTS: dict[str, list[Step]] = {
     "length": [_OK_HEAD + b"Content-Length: 5\r\n\r\nhello"],
@@ -144,6 +147,23 @@ SCRIPTS: dict[str, list[Step]] = {
         b"\r\nHTTP/1.1 200 OK\r\nX-Final: yes\r\nContent-Length: 5\r\n\r\nfinal"
     ],
     "no-reason": [b"HTTP/1.1 200\r\nContent-Length: 2\r\n\r\nok"],
+    # Response heads above and below the proxy's limit of 64 KiB, in three
+    # writes or in one.
+    "huge-head": [
+        _OK_HEAD + _FILLER[: 20 * _FILLER_LINE],
+        0.05,
+        _FILLER[20 * _FILLER_LINE :],
+        0.05,
+        b"Content-Length: 2\r\n\r\nok",
+    ],
+    "huge-head-whole": [_OK_HEAD + _FILLER + b"Content-Length: 2\r\n\r\nok"],
+    "large-head": [
+        _OK_HEAD + _FILLER[: 15 * _FILLER_LINE],
+        0.05,
+        _FILLER[15 * _FILLER_LINE : 30 * _FILLER_LINE],
+        0.05,
+        b"Content-Length: 2\r\n\r\nok",
+    ],
     "slow-stream": [
         _CHUNKED_HEAD,
         *[step for _ in range(8) for step in (0.2, b"4\r\ntick\r\n")],

@@ -618,6 +618,29 @@ async def fail_then_follow(
     return failed, after, connections
 
 
+@pytest.mark.parametrize("script", ["huge-head", "huge-head-whole"])
+async def test_pod_head_over_limit_gives_502(
+    proxy: ProxyProcess, pod_log: PodLog, script: str
+) -> None:
+    failed, after, connections = await fail_then_follow(
+        proxy, pod_log, script, f"limit-{script}"
+    )
+
+    assert failed.status == 502
+    assert json.loads(failed.body)["error"] == "pod_error"
+    assert after.status == 200
+    assert len(connections) == 2
+    assert connections[0] != connections[1]
+
+
+async def test_pod_head_under_limit_relayed(proxy: ProxyProcess) -> None:
+    response = await exchange(proxy, request_head("/large-head"))
+
+    assert response.status == 200
+    assert response.body == b"ok"
+    assert response.headers["X-Filler-29"] == "f" * 2000
+
+
 @pytest.mark.parametrize(
     "script", ["duplicate-length", "conflicting-length", "length-and-chunked"]
 )

@@ -108,7 +108,7 @@ class StoreSettings:
     redis_timeout_s: float = _setting(1.0, above=0)
     redis_connect_timeout_s: float = _setting(1.0, above=0)
     redis_retries: int = _setting(2, low=0, high=10)
-    redis_max_connections: int = _setting(256, low=1)
+    redis_max_connections: int = _setting(32, low=1)
     # Pool connections idle longer than this are closed, down to
     # redis_min_idle_connections, and 0 keeps them open.
     redis_idle_timeout_s: float = _setting(30.0, low=0)

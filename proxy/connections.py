@@ -61,6 +61,10 @@ MAX_SWEEP_INTERVAL_S = 1.0
 # From this many open connections on, a connection drops its parser as soon
 # as it becomes idle instead of at the next sweep.
 DROP_AT_ONCE_CONNECTIONS = 1_000
+# aiohttp's default ``timeout_ceil_threshold`` in seconds, as a float:
+# RequestHandler stores float(value), which is this object itself, where
+# the default int 5 would give every connection a float of its own.
+_TIMEOUT_CEIL_THRESHOLD_S = 5.0
 
 
 class IdleSweepServer(web.Server):
@@ -68,10 +72,23 @@ class IdleSweepServer(web.Server):
 
     :param keepalive_timeout: seconds an idle connection stays open. With 0
         or less, idle connections stay open until the client closes them.
+    :param socket_options_set: whether the site sets TCP_NODELAY and
+        SO_KEEPALIVE on each connection itself, as
+        `proxy.listener.BatchAcceptSite` does. The handlers then skip
+        aiohttp's own calls, which make uvloop keep a socket object per
+        connection.
     """
 
-    def __init__(self, *args: Any, keepalive_timeout: float, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        keepalive_timeout: float,
+        socket_options_set: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("timeout_ceil_threshold", _TIMEOUT_CEIL_THRESHOLD_S)
         super().__init__(*args, keepalive_timeout=keepalive_timeout, **kwargs)
+        self.socket_options_set = socket_options_set
         self.keepalive_timeout = keepalive_timeout
         self.sweep_interval_s = min(MAX_SWEEP_INTERVAL_S, max(keepalive_timeout, 0) / 4)
         self._sweep_handle: asyncio.TimerHandle | None = None
@@ -163,12 +180,17 @@ class OnDemandRequestHandler(web_protocol.RequestHandler):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # RequestHandler.connection_made without its timer and task.
-        BaseProtocol.connection_made(self, transport)
         real_transport = cast(asyncio.Transport, transport)
-        if self._tcp_keepalive:
-            tcp_keepalive(real_transport)
         assert self._manager is not None
-        self._manager.connection_made(self, real_transport)
+        manager = cast(IdleSweepServer, self._manager)
+        if manager.socket_options_set:
+            # BaseProtocol.connection_made without its TCP_NODELAY.
+            self.transport = real_transport
+        else:
+            BaseProtocol.connection_made(self, transport)
+            if self._tcp_keepalive:
+                tcp_keepalive(real_transport)
+        manager.connection_made(self, real_transport)
         # A client that never sends a request expires like an idle one.
         self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
 

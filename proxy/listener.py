@@ -35,6 +35,17 @@ ACCEPT_RETRY_S = 1.0
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
+def set_socket_options(sock: socket.socket) -> None:
+    """Set TCP_NODELAY and SO_KEEPALIVE, as aiohttp's handlers set them.
+
+    aiohttp sets them through the transport's "socket" extra info, which
+    uvloop 0.23 creates on request and then keeps for the life of the
+    connection, about 70 bytes each.
+    """
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+
+
 class _Listener(asyncio.AbstractServer):
     """The bound sockets of a site, read by a loop reader each.
 
@@ -107,6 +118,7 @@ class _Listener(asyncio.AbstractServer):
                 self._pause(listening, exc)
                 return
             sock.setblocking(False)
+            set_socket_options(sock)
             task = self._loop.create_task(self._connect(sock))
             self._connecting.add(task)
             task.add_done_callback(self._connecting.discard)
@@ -140,6 +152,10 @@ class _Listener(asyncio.AbstractServer):
 
 class BatchAcceptSite(web.BaseSite):
     """An aiohttp TCP site whose sockets accept connections in batches.
+
+    Every accepted socket gets the options of `set_socket_options`, so a
+    server whose handlers would set them can skip that (the
+    ``socket_options_set`` of `proxy.connections.IdleSweepServer`).
 
     :param runner: the set-up runner whose server handles the connections.
     :param host: the address to bind; every address it resolves to is bound.

@@ -274,6 +274,8 @@ class ProxyServer:
             handler,
             Limits.from_settings(self.config.proxy),
             handler_cancellation=True,
+            # BatchAcceptSite sets them on each accepted socket.
+            socket_options_set=True,
             **self._access_log,
         )
         # stop() waits for in-flight requests itself, so the runner's own wait

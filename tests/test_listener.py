@@ -11,6 +11,7 @@ from aiohttp import web
 from conftest import LOOPBACK
 
 from proxy import listener
+from proxy.connections import IdleSweepServer
 from proxy.listener import BatchAcceptSite
 
 BURST = 300
@@ -90,3 +91,38 @@ async def test_stopped_site_refuses_connections(runner: web.ServerRunner) -> Non
 
     with pytest.raises(ConnectionRefusedError):
         await get(port)
+
+
+async def test_accepted_socket_gets_nodelay_and_keepalive() -> None:
+    options: list[tuple[int, int]] = []
+
+    async def record_options(request: web.BaseRequest) -> web.Response:
+        transport = request.transport
+        assert transport is not None
+        sock = transport.get_extra_info("socket")
+        options.append(
+            (
+                sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY),
+                sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+            )
+        )
+        return web.Response(body=b"hello")
+
+    # A server whose handlers would set neither option themselves.
+    server = IdleSweepServer(
+        record_options, keepalive_timeout=5.0, socket_options_set=True
+    )
+    server_runner = web.ServerRunner(server, handle_signals=False)
+    await server_runner.setup()
+    try:
+        site = BatchAcceptSite(server_runner, LOOPBACK, 0, backlog=128)
+        await site.start()
+        body = await get(bound_port(server_runner))
+    finally:
+        await server_runner.cleanup()
+
+    assert body == b"hello"
+    assert len(options) == 1
+    nodelay, keepalive = options[0]
+    assert nodelay != 0
+    assert keepalive != 0

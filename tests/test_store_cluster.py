@@ -7,13 +7,20 @@ spread over all primaries, and the parsing of cluster URLs.
 
 from __future__ import annotations
 
+import asyncio
+from typing import TYPE_CHECKING
+
 import pytest
 import redis.asyncio
 
 from proxy.config import _check_redis_url
+from proxy.errors import StoreBusyError
 from proxy.store import RedisStore
 from proxy.store.keys import pod_links_key
 from proxy.store.redis import parse_cluster_url
+
+if TYPE_CHECKING:
+    from conftest import RedisCluster
 
 NS = "default"
 SERVICE = "game"
@@ -130,3 +137,46 @@ def test_cluster_url_password_is_masked_in_problem() -> None:
     problems = _check_redis_url("redis+cluster://:secret@10.0.0.1/")
 
     assert "secret" not in problems[0]
+
+
+async def test_cluster_burst_beyond_pool_waits_for_permit(
+    redis_cluster: RedisCluster, cluster_clients: list[redis.asyncio.Redis]
+) -> None:
+    store = RedisStore(redis_cluster.url, max_connections=2)
+    uids = [f"burst-{number}" for number in range(100)]
+    try:
+        results = await asyncio.gather(
+            *(store.set_if_absent(NS, uid, SERVICE, 1, TTL_S) for uid in uids)
+        )
+        linked = [await store.get(NS, uid, SERVICE) for uid in uids]
+    finally:
+        await store.close()
+
+    assert results == [1] * len(uids)
+    assert linked == [1] * len(uids)
+
+
+async def test_cluster_busy_permits_raise_store_busy(
+    redis_cluster: RedisCluster, cluster_clients: list[redis.asyncio.Redis]
+) -> None:
+    store = RedisStore(redis_cluster.url, max_connections=1, timeout_s=0.2)
+    release = asyncio.Event()
+
+    async def hold_permit() -> None:
+        await release.wait()
+
+    try:
+        await store.ping()
+        holder = asyncio.create_task(store._call(hold_permit()))
+        await asyncio.sleep(0.01)
+        with pytest.raises(
+            StoreBusyError, match="1 calls, the maximum, were in flight"
+        ):
+            await store.get(NS, "busy", SERVICE)
+        release.set()
+        await holder
+        after_release = await store.get(NS, "busy", SERVICE)
+    finally:
+        await store.close()
+
+    assert after_release is None

@@ -12,9 +12,15 @@ from typing import TYPE_CHECKING
 import pytest
 import redis.asyncio
 
-from proxy.errors import StoreDataError, StoreError, StoreUnavailableError
+from proxy.errors import (
+    StoreBusyError,
+    StoreDataError,
+    StoreError,
+    StoreUnavailableError,
+)
 from proxy.store import PERSISTENT, RedisStore
 from proxy.store.redis import mask_password
+from proxy.store.redis_pool import TrimmingBlockingPool
 
 if TYPE_CHECKING:
     from conftest import RedisServer, RedisServerFactory
@@ -314,6 +320,99 @@ async def test_burst_beyond_pool_size_waits_for_connection(
         await store.close()
 
     assert results == [1] * 50
+
+
+async def test_burst_of_new_users_shares_small_pool(
+    private_redis_server: RedisServer,
+) -> None:
+    store = RedisStore(private_redis_server.url, max_connections=8)
+    inspector = redis.asyncio.from_url(private_redis_server.url)
+    users = [f"new-{index}" for index in range(600)]
+    # New users keep arriving, 200 in flight at a time, while other work
+    # blocks the loop for 2 ms per iteration, as in a busy proxy.
+    in_flight = asyncio.Semaphore(200)
+    stopping = asyncio.Event()
+
+    async def route_new_user(uid: str) -> int:
+        async with in_flight:
+            # The store calls of a new user's first request.
+            await store.read_link_noticed(NS, uid, SERVICE, TTL_S)
+            return await store.set_if_absent(NS, uid, SERVICE, 1, TTL_S)
+
+    async def hold_loop() -> None:
+        while not stopping.is_set():
+            time.sleep(0.002)  # noqa: ASYNC251 - blocks the loop on purpose
+            await asyncio.sleep(0)
+
+    try:
+        holder = asyncio.create_task(hold_loop())
+        try:
+            results = await asyncio.gather(*(route_new_user(uid) for uid in users))
+        finally:
+            stopping.set()
+            await holder
+        linked = [await store.get(NS, uid, SERVICE) for uid in users]
+        # No trim ran, so every connection that the burst opened is open.
+        on_server = await server_connections(inspector)
+        idle, in_use = store.pool_connections()
+    finally:
+        await inspector.aclose()
+        await store.close()
+
+    assert results == [1] * len(users)
+    assert linked == [1] * len(users)
+    assert on_server <= 8
+    assert idle <= 8
+    assert in_use == 0
+
+
+async def test_pool_serves_waiting_requests_in_order(
+    redis_server: RedisServer,
+) -> None:
+    pool = TrimmingBlockingPool.from_url(
+        redis_server.url, max_connections=1, timeout=5.0
+    )
+    served: list[str] = []
+
+    async def take(name: str) -> None:
+        connection = await pool.get_connection()
+        served.append(name)
+        await asyncio.sleep(0)
+        await pool.release(connection)
+
+    try:
+        held_connection = await pool.get_connection()
+        waiting = [asyncio.create_task(take(f"waiter-{index}")) for index in range(5)]
+        await asyncio.sleep(0.05)
+        await pool.release(held_connection)
+        # Arrives after the connection came back, but behind the waiters.
+        late = asyncio.create_task(take("late"))
+        await asyncio.gather(*waiting, late)
+    finally:
+        await pool.aclose()
+
+    assert served == [f"waiter-{index}" for index in range(5)] + ["late"]
+
+
+async def test_exhausted_pool_raises_store_busy(redis_server: RedisServer) -> None:
+    store = RedisStore(redis_server.url, max_connections=1, timeout_s=0.2)
+    assert isinstance(store._client, redis.asyncio.Redis)
+    pool = store._client.connection_pool
+    try:
+        held_connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        started = time.monotonic()
+        with pytest.raises(StoreBusyError, match="no free connection of 1"):
+            await store.get(NS, "busy", SERVICE)
+        waited_s = time.monotonic() - started
+        await pool.release(held_connection)
+        after_release = await store.get(NS, "busy", SERVICE)
+        idle, in_use = store.pool_connections()
+    finally:
+        await store.close()
+
+    assert 0.15 < waited_s < 1.0
+    assert after_release is None
+    assert (idle, in_use) == (1, 0)
 
 
 # Idle connections

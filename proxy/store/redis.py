@@ -52,6 +52,7 @@ from proxy.store.keys import (
     workload_key,
 )
 from proxy.store.redis_pool import (
+    POOL_EXHAUSTED,
     IdleTrimming,
     TrimmingBlockingPool,
     TrimmingSentinelPool,
@@ -116,9 +117,6 @@ _RETRY_BACKOFF_CAP_S = 0.1
 _OUTAGE_PROBE_S = 0.5
 # Maximum seconds between two trims of idle pool connections.
 _TRIM_PERIOD_MAX_S = 1.0
-# Message of the ConnectionError that redis-py's BlockingConnectionPool
-# raises when no connection frees up in time (redis-py 5 to 8).
-_POOL_EXHAUSTED = "No connection available."
 
 
 def mask_password(url: str) -> str:
@@ -309,7 +307,7 @@ class RedisStore:
         on a connection error or timeout, with exponential backoff of at
         most 0.1 s.
     :param max_connections: size of the connection pool; on Redis Cluster,
-        of the pool of each node.
+        of the pool of each node and the maximum calls in flight at once.
     :param idle_timeout_s: seconds after which `run_idle_trim` closes an
         idle pool connection, or 0 to keep them open. Redis Cluster
         connections are not trimmed.
@@ -330,7 +328,7 @@ class RedisStore:
         timeout_s: float = 1.0,
         connect_timeout_s: float = 1.0,
         retries: int = 2,
-        max_connections: int = 256,
+        max_connections: int = 32,
         idle_timeout_s: float = 30.0,
         min_idle_connections: int = 4,
         clock: Callable[[], float] = time.monotonic,
@@ -374,6 +372,8 @@ class RedisStore:
         )
         self._client: redis.asyncio.Redis | redis.asyncio.RedisCluster
         self._sentinel: Sentinel | None = None
+        # Permits of the calls that may run at once on Redis Cluster.
+        self._cluster_permits: asyncio.Semaphore | None = None
         scheme = urlsplit(url).scheme
         self.cluster = scheme in CLUSTER_SCHEMES
         if scheme in SENTINEL_SCHEMES:
@@ -383,9 +383,12 @@ class RedisStore:
             )
         elif self.cluster:
             nodes, options = parse_cluster_url(url)
-            # NOTE: redis-py's cluster client has no blocking pool, so a
-            # burst of more than max_connections requests to one node fails
-            # with MaxConnectionsError, which _round_trip maps to store_busy.
+            # redis-py's cluster client has no blocking pool: a command that
+            # finds all max_connections connections of its node in use fails
+            # with MaxConnectionsError. With at most max_connections calls
+            # running at once, no node runs out, and the other calls wait
+            # for a permit in arrival order.
+            self._cluster_permits = asyncio.Semaphore(max_connections)
             self._client = redis.asyncio.RedisCluster(
                 startup_nodes=nodes,
                 max_connections=max_connections,
@@ -616,7 +619,10 @@ class RedisStore:
                     if inspect.iscoroutine(awaitable):
                         awaitable.close()
                     raise
-            result = await awaitable
+            if self._cluster_permits is None:
+                result = await awaitable
+            else:
+                result = await self._await_with_permit(self._cluster_permits, awaitable)
         except MaxConnectionsError as error:
             raise StoreBusyError(
                 self.backend,
@@ -624,7 +630,7 @@ class RedisStore:
                 "in use; raise store.redis_max_connections",
             ) from error
         except RedisConnectionError as error:
-            if str(error) == _POOL_EXHAUSTED:
+            if str(error) == POOL_EXHAUSTED:
                 raise StoreBusyError(
                     self.backend,
                     f"no free connection of {self._max_connections} within "
@@ -641,6 +647,31 @@ class RedisStore:
             raise StoreError(f"redis command failed: {error}") from error
         self._note_reachable()
         return result
+
+    async def _await_with_permit(
+        self, permits: asyncio.Semaphore, awaitable: Awaitable[_T]
+    ) -> _T:
+        """Await `awaitable` while holding one of `permits`.
+
+        Raises StoreBusyError when no permit frees up within the timeout.
+        """
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                await permits.acquire()
+        except BaseException as error:
+            if inspect.iscoroutine(awaitable):
+                awaitable.close()
+            if isinstance(error, TimeoutError):
+                raise StoreBusyError(
+                    self.backend,
+                    f"{self._max_connections} calls, the maximum, were in flight "
+                    f"for {self._timeout_s:g}s; raise store.redis_max_connections",
+                ) from None
+            raise
+        try:
+            return await awaitable
+        finally:
+            permits.release()
 
     async def _start_cluster(self, lock: asyncio.Lock) -> None:
         """Read the cluster's slot map once, before the first command.

@@ -1,4 +1,13 @@
-"""Redis connection pools that close the connections left idle after a burst.
+"""Redis connection pools that serve waiting requests in order and trim idle ones.
+
+redis-py's asyncio `BlockingConnectionPool` (read in 8.2.0) makes each
+waiting request and each returned connection take the lock of one
+``asyncio.Condition``. While requests keep arriving, a returned connection
+queues for that lock behind them, and the waiter it wakes can find it
+taken by a newer request and queue again at the end. Some requests then
+wait for the whole pool timeout and fail. `FairWaiting` makes requests
+wait for a free connection in arrival order, so a pool much smaller than
+a burst serves it.
 
 redis-py's asyncio pools keep every connection they ever opened, so a burst
 of a few hundred concurrent store calls leaves a few hundred idle
@@ -39,8 +48,13 @@ from typing import Any
 
 from redis.asyncio.connection import BlockingConnectionPool
 from redis.asyncio.sentinel import SentinelConnectionPool
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 logger = logging.getLogger("stateful_route.store")
+
+# Message of the ConnectionError that redis-py's BlockingConnectionPool
+# raises when no connection frees up in time (redis-py 5 to 8).
+POOL_EXHAUSTED = "No connection available."
 
 
 def supports_trimming(pool: object) -> bool:
@@ -147,18 +161,69 @@ class IdleTrimming:
         return closing
 
 
-class TrimmingBlockingPool(IdleTrimming, BlockingConnectionPool):
-    """redis-py's `BlockingConnectionPool` with `IdleTrimming.trim_idle`."""
+class FairWaiting:
+    """Mixin of a redis-py blocking pool that hands out connections in order.
+
+    A request takes a permit of an `asyncio.Semaphore` of
+    ``max_connections`` permits before redis-py's `get_connection`, and
+    gives it back when it releases the connection. asyncio's semaphore
+    wakes its waiters in arrival order and lets no new request pass them,
+    so redis-py's own wait only runs while a connection is given back.
+    Waiting for a permit takes at most the pool's ``timeout``, after which
+    it raises redis-py's ConnectionError with `POOL_EXHAUSTED`.
+
+    Put it before the redis-py pool class in the bases.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        max_connections: int = self.max_connections  # type: ignore[attr-defined]
+        self._permits = asyncio.Semaphore(max_connections)
+        # The connections handed out with a permit, so that a second release
+        # of one connection cannot add a permit.
+        self._permit_holders: set[Any] = set()
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        """Wait in order for a permit, then return a connection of the pool."""
+        timeout_s: float | None = self.timeout  # type: ignore[attr-defined]
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._permits.acquire()
+        except TimeoutError:
+            raise RedisConnectionError(POOL_EXHAUSTED) from None
+        try:
+            connection = await super().get_connection(  # type: ignore[misc]
+                *args, **kwargs
+            )
+        except BaseException:
+            self._permits.release()
+            raise
+        self._permit_holders.add(connection)
+        return connection
+
+    async def release(self, connection: Any) -> None:
+        """Return `connection` to the pool and its permit to the next request."""
+        try:
+            await super().release(connection)  # type: ignore[misc]
+        finally:
+            if connection in self._permit_holders:
+                self._permit_holders.remove(connection)
+                self._permits.release()
+
+
+class TrimmingBlockingPool(IdleTrimming, FairWaiting, BlockingConnectionPool):
+    """redis-py's `BlockingConnectionPool` with `FairWaiting` and trimming."""
 
 
 class TrimmingSentinelPool(
-    IdleTrimming, SentinelConnectionPool, BlockingConnectionPool
+    IdleTrimming, FairWaiting, SentinelConnectionPool, BlockingConnectionPool
 ):
     """A blocking pool of connections to the primary that Sentinel reports.
 
     Like `BlockingConnectionPool`, it makes a request wait up to its
-    ``timeout`` for a free connection. Like `SentinelConnectionPool`, it
-    queries the Sentinels for the primary's address on every new
-    connection, so connections made after a failover reach the promoted
-    replica. `IdleTrimming.trim_idle` closes idle connections.
+    ``timeout`` for a free connection, in arrival order (`FairWaiting`).
+    Like `SentinelConnectionPool`, it queries the Sentinels for the
+    primary's address on every new connection, so connections made after a
+    failover reach the promoted replica. `IdleTrimming.trim_idle` closes
+    idle connections.
     """

@@ -20,10 +20,12 @@ Any other response goes through aiohttp's `StreamResponse`.
 
 from __future__ import annotations
 
+import aiohttp.web_response
 from aiohttp import web
 from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import HttpVersion10, HttpVersion11
 from multidict import CIMultiDict
+from mypy_extensions import mypyc_attr
 
 from proxy.upstream_connection import UpstreamResponse
 
@@ -52,7 +54,11 @@ _KEEP_ALIVE_LINE = "\r\nconnection: keep-alive"
 _STATUS_PREFIXES = {HttpVersion11: b"HTTP/1.1", HttpVersion10: b"HTTP/1.0"}
 
 
-class SentResponse(web.StreamResponse):
+# Non-native like the aiohttp subclasses in proxy/connections.py, with the
+# base named in its defining module for the same reason. NOTE: a native
+# class was not tried here.
+@mypyc_attr(native_class=False)
+class SentResponse(aiohttp.web_response.StreamResponse):
     """A response whose head and body were already written to the transport.
 
     aiohttp's `RequestHandler` still gets a response object for its

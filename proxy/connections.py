@@ -45,11 +45,14 @@ import logging
 import sys
 from typing import Any, cast
 
+import aiohttp.web_protocol
+import aiohttp.web_server
 from aiohttp import StreamReader, web, web_protocol
 from aiohttp.base_protocol import BaseProtocol
 from aiohttp.helpers import ceil_timeout
 from aiohttp.http import HttpRequestParser, StreamWriter
 from aiohttp.tcp_helpers import tcp_keepalive
+from mypy_extensions import mypyc_attr
 
 from proxy.client_head import SentResponse
 
@@ -67,7 +70,13 @@ DROP_AT_ONCE_CONNECTIONS = 1_000
 _TIMEOUT_CEIL_THRESHOLD_S = 5.0
 
 
-class IdleSweepServer(web.Server):
+# Non-native, because mypyc 2.4.1 fails at import on a native subclass of
+# aiohttp's RequestHandler ("mypyc classes can't have __slots__"). NOTE:
+# web.Server was not tried as a native base. The base is named in its
+# defining module, because mypyc's C for a non-native class with a
+# re-exported base, such as web.Server, does not compile.
+@mypyc_attr(native_class=False)
+class IdleSweepServer(aiohttp.web_server.Server):
     """aiohttp's low-level server whose idle connections close in a sweep.
 
     :param keepalive_timeout: seconds an idle connection stays open. With 0
@@ -137,7 +146,8 @@ class IdleSweepServer(web.Server):
             self._sweep_handle = None
 
 
-class OnDemandRequestHandler(web_protocol.RequestHandler):
+@mypyc_attr(native_class=False)
+class OnDemandRequestHandler(aiohttp.web_protocol.RequestHandler):
     """aiohttp's connection handler with a task only while requests are queued.
 
     ``_task_handler`` is that task, or None while the connection is idle.
@@ -292,6 +302,10 @@ class OnDemandRequestHandler(web_protocol.RequestHandler):
         factory: Any,
     ) -> bool:
         """Serve the first queued request. Return False when the client went away."""
+        # aiohttp's C parser makes RawRequestMessage a C class, not the
+        # NamedTuple of its annotations, and mypyc checks a NamedTuple as a
+        # tuple, so the message is Any.
+        message: Any
         message, payload = self._messages.popleft()
         # Free a parser slot, and read again once the queue drained to
         # its low-water mark, as aiohttp's start() does.
@@ -305,7 +319,8 @@ class OnDemandRequestHandler(web_protocol.RequestHandler):
         writer = StreamWriter(self, loop)
         if isinstance(message, web_protocol._ErrInfo):
             request_handler = self._make_error_handler(message)
-            message = web_protocol.ERROR
+            # getattr, so that mypyc does not check the value as a tuple.
+            message = getattr(web_protocol, "ERROR")  # noqa: B009
         else:
             assert self._request_handler is not None
             request_handler = self._request_handler

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
+import aiohttp.web_response
 import orjson
 from aiohttp import (
     HttpVersion10,
@@ -51,6 +52,7 @@ from aiohttp.http_exceptions import (
 )
 from aiohttp.http_parser import HttpRequestParserPy
 from aiohttp.streams import EMPTY_PAYLOAD
+from mypy_extensions import mypyc_attr
 
 from proxy.chunks import strict_chunk_lines
 from proxy.config import ProxySettings
@@ -119,7 +121,11 @@ def json_error_body(code: str, message: str) -> bytes:
     return orjson.dumps({"error": code, "message": message})
 
 
-class _ErrorResponse(web.Response):
+# Non-native like the aiohttp subclasses in proxy/connections.py, with the
+# base named in its defining module for the same reason. NOTE: a native
+# class was not tried here.
+@mypyc_attr(native_class=False)
+class _ErrorResponse(aiohttp.web_response.Response):
     """A JSON error response, always with an HTTP/1.1 status line.
 
     aiohttp writes the request's version in the status line. For a 505 that
@@ -397,6 +403,7 @@ class GuardedBody:
 # The server.
 
 
+@mypyc_attr(native_class=False)
 class InboundServer(IdleSweepServer):
     """aiohttp's low-level server with the checks and limits of `Limits`.
 
@@ -406,22 +413,11 @@ class InboundServer(IdleSweepServer):
 
     def __init__(self, handler: Handler, limits: Limits, **kwargs: Any) -> None:
         self.limits = limits
-
-        async def checked(request: web.BaseRequest) -> web.StreamResponse:
-            try:
-                check_request(request, limits)
-            except RequestRejected as exc:
-                logger.info(
-                    "rejected request from %s with %d: %s",
-                    peer_of(request),
-                    exc.status,
-                    exc.message,
-                )
-                return closing_error(exc.status, exc.code, exc.message)
-            return await handler(request)
-
+        self._checked_handler = handler
+        # A method, not a closure, because mypyc 2.4.1 crashes on a nested
+        # function in a method of a non-native class.
         super().__init__(
-            checked,
+            self._check_and_handle,
             keepalive_timeout=limits.keepalive_timeout_s,
             max_line_size=limits.max_request_line_bytes,
             max_field_size=limits.max_header_field_bytes,
@@ -432,6 +428,20 @@ class InboundServer(IdleSweepServer):
             auto_decompress=False,
             **kwargs,
         )
+
+    async def _check_and_handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        """Respond with an error to a rejected request, else call the handler."""
+        try:
+            check_request(request, self.limits)
+        except RequestRejected as exc:
+            logger.info(
+                "rejected request from %s with %d: %s",
+                peer_of(request),
+                exc.status,
+                exc.message,
+            )
+            return closing_error(exc.status, exc.code, exc.message)
+        return await self._checked_handler(request)
 
     def __call__(self) -> InboundRequestHandler:
         return InboundRequestHandler(self, loop=self._loop, **self._kwargs)
@@ -456,6 +466,8 @@ def _error_message(
     return error, payload
 
 
+# Non-native, because mypyc 2.4.1 cannot compile a native subclass of list.
+@mypyc_attr(native_class=False)
 class _MessageQueue(list[Any]):
     """The parsed requests of one connection that wait for aiohttp's `start()`.
 
@@ -472,6 +484,7 @@ class _MessageQueue(list[Any]):
         return self.pop(0)
 
 
+@mypyc_attr(native_class=False)
 class InboundRequestHandler(OnDemandRequestHandler):
     """aiohttp's connection handler with JSON errors and a header timeout."""
 
@@ -610,7 +623,9 @@ class InboundRequestHandler(OnDemandRequestHandler):
             and data[0] not in _LINE_ENDS
         ):
             # The common case: one whole request without a body, in one piece.
-            message = messages[queued][0]
+            # Any, because mypyc would check the C parser's RawRequestMessage
+            # as a tuple, which it is not.
+            message: Any = messages[queued][0]
             if not isinstance(message, web_protocol._ErrInfo) and not message.upgrade:
                 problem = head_rejection(data)
                 if problem is None:
@@ -771,7 +786,8 @@ class InboundRequestHandler(OnDemandRequestHandler):
                 return None
             head = chunk if not buffered and pos == end else bytes(chunk[: stop + 4])
             assert isinstance(head, bytes)
-            message = messages[position][0]
+            # Any for the same reason as in data_received.
+            message: Any = messages[position][0]
             problem = head_rejection(head)
             if problem is not None:
                 return position, _error_message(problem, messages[position][1]), b""

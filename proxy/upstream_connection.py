@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, cast
 
 import httptools
 from aiohttp import StreamReader
+from mypy_extensions import mypyc_attr
 
 from proxy.errors import StatefulRouteError
 from proxy.retry import Stage
@@ -64,14 +65,19 @@ class InvalidRequestError(StatefulRouteError, ValueError):
         )
 
 
+# mypyc 2.4.1 compiles a subclass of TimeoutError or ConnectionError only
+# as a non-native class.
+@mypyc_attr(native_class=False)
 class ConnectTimeoutError(StatefulRouteError, TimeoutError):
     """A connection to a pod that was not established within the connect timeout."""
 
 
+@mypyc_attr(native_class=False)
 class PoolTimeoutError(StatefulRouteError, TimeoutError):
     """No pooled connection to a pod came free within the wait."""
 
 
+@mypyc_attr(native_class=False)
 class ReadTimeoutError(StatefulRouteError, TimeoutError):
     """A pod that sent no byte within the read timeout."""
 
@@ -80,6 +86,7 @@ class InvalidResponseError(StatefulRouteError, ValueError):
     """A response that is not valid HTTP/1.1, or one the proxy does not relay."""
 
 
+@mypyc_attr(native_class=False)
 class ConnectionClosedError(StatefulRouteError, ConnectionError):
     """A pod connection that closed or was reset before the response ended."""
 
@@ -397,7 +404,7 @@ class Connection(asyncio.Protocol):
         if isinstance(body, StreamReader):
             chunks = body.iter_any()
         elif isinstance(body, bytes):
-            chunks = _one_chunk(body)
+            chunks = _OneChunk(body)
         else:
             assert body is not None
             chunks = body
@@ -799,8 +806,21 @@ def _head_too_large() -> str:
     return f"response head larger than {MAX_RESPONSE_HEAD_BYTES} bytes"
 
 
-async def _one_chunk(body: bytes) -> AsyncIterator[bytes]:
-    yield body
+class _OneChunk:
+    """An async iterator over one body, since mypyc 2.4.1 has no async generators."""
+
+    def __init__(self, body: bytes) -> None:
+        self._body: bytes | None = body
+
+    def __aiter__(self) -> _OneChunk:
+        return self
+
+    async def __anext__(self) -> bytes:
+        body = self._body
+        if body is None:
+            raise StopAsyncIteration
+        self._body = None
+        return body
 
 
 def split_head(received: bytes) -> tuple[bytes, bytes, int]:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, cast
+import asyncio
+from typing import cast
 
 import pytest
 from aiohttp import web
 from aiohttp.http import HttpVersion, HttpVersion10, HttpVersion11
 
 from proxy.client_head import HOP_BY_HOP, ClientHeadEncoder, SentResponse
-from proxy.upstream_connection import UpstreamResponse, split_head
+from proxy.upstream import UpstreamPool, _PodPool
+from proxy.upstream_connection import Connection, UpstreamResponse, split_head
 
 DATE = b"Date: Tue, 01 Dec 2026 10:00:00 GMT\r\n"
 
@@ -21,6 +23,19 @@ class _Request:
         self.version = version
 
 
+def unused_connection() -> Connection:
+    """Return a connection that never connects, made in a loop that then closes.
+
+    The encoder never reads it, but a module compiled with mypyc checks that
+    `UpstreamResponse` gets a `Connection`.
+    """
+
+    async def create() -> Connection:
+        return Connection(UpstreamPool(1, 1.0), _PodPool(("127.0.0.1", 9), 1))
+
+    return asyncio.run(create())
+
+
 def encode(
     head: bytes,
     *,
@@ -30,7 +45,7 @@ def encode(
 ) -> bytes | None:
     status_line, block, _ = split_head(head)
     status = int(status_line[1:4])
-    upstream = UpstreamResponse(cast(Any, None), status, status_line, block, True)
+    upstream = UpstreamResponse(unused_connection(), status, status_line, block, True)
     encoder = ClientHeadEncoder(routed_pod_header)
     request = cast(web.BaseRequest, _Request(version))
     return encoder.encode(request, upstream, 2, keep_alive)

@@ -10,6 +10,7 @@ from proxy.pods import Address, Pod
 from proxy.podset import PodSet, build_pod_set
 from proxy.podstate import PodState, Routing
 from proxy.services import Service
+from proxy.statetable import PodStates, _Entry
 from proxy.stats import (
     FAILURE_PENALTY_S,
     PodMetrics,
@@ -18,6 +19,7 @@ from proxy.stats import (
     is_failure,
     pod_metrics,
 )
+from proxy.store.memory import MemoryStore
 
 DECAY_S = 10.0
 NOW_MS = 1_764_800_000_000
@@ -222,9 +224,16 @@ def test_calculated_load_without_samples_is_reported() -> None:
 
 
 def make_server(pod_set: PodSet | None, service: Service) -> SimpleNamespace:
-    """Return the parts of a `ProxyServer` that `pod_metrics` reads."""
-    states = SimpleNamespace(get=lambda namespace, name: pod_set)
-    return SimpleNamespace(services={service.name: service}, states=states)
+    """Return the parts of a `ProxyServer` that `pod_metrics` reads.
+
+    The states are a real `PodStates`, because a module compiled with mypyc
+    checks that `server.states` is one.
+    """
+    services = {service.name: service}
+    states = PodStates(MemoryStore(), services)
+    if pod_set is not None:
+        states._entries[("default", service.name)] = _Entry(pod_set, {}, 0, 0)
+    return SimpleNamespace(services=services, states=states)
 
 
 def test_pod_metrics_lists_each_pod(clock: FakeClock) -> None:

@@ -1,0 +1,104 @@
+"""Build hook that compiles the per-request modules with mypyc.
+
+``STATEFUL_ROUTE_MYPYC`` selects the build:
+
+- unset or ``auto``: compile for a regular install or wheel, but not for an
+  editable install, where a compiled module would hide later edits of its
+  source file until the next install.
+- ``1``: compile, also for an editable install.
+- ``0``: build pure Python.
+
+A failed compilation, such as one without a C compiler, falls back to pure
+Python with a warning, so the package installs either way. The compiled
+modules import the ``.so`` next to each source file, and Python prefers
+the ``.so`` when both exist.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from setuptools import setup
+from setuptools.command.build_ext import build_ext
+
+# The modules of the forwarding path and the small ones they call per
+# request. proxy/errors.py and proxy/balancing.py are left out because
+# mypyc 2.4.1 rejects them as they are: errors.py has an exception class
+# with a builtin base other than Exception, and balancing.py reads an
+# instance attribute through a class.
+COMPILED_MODULES = [
+    "proxy/cache.py",
+    "proxy/client_head.py",
+    "proxy/connections.py",
+    "proxy/forward.py",
+    "proxy/health.py",
+    "proxy/inbound.py",
+    "proxy/inflight.py",
+    "proxy/metrics.py",
+    "proxy/names.py",
+    "proxy/pods.py",
+    "proxy/podset.py",
+    "proxy/podstate.py",
+    "proxy/relay.py",
+    "proxy/request_head.py",
+    "proxy/retry.py",
+    "proxy/routing.py",
+    "proxy/services.py",
+    "proxy/statetable.py",
+    "proxy/stats.py",
+    "proxy/store/base.py",
+    "proxy/store/keys.py",
+    "proxy/store/redis.py",
+    "proxy/tunnel.py",
+    "proxy/upstream.py",
+    "proxy/upstream_connection.py",
+]
+MODE_VARIABLE = "STATEFUL_ROUTE_MYPYC"
+
+
+def _mode() -> str:
+    mode = os.environ.get(MODE_VARIABLE, "auto").strip().lower() or "auto"
+    if mode not in ("auto", "0", "1"):
+        raise SystemExit(f"invalid {MODE_VARIABLE}={mode!r}: expected auto, 0 or 1")
+    return mode
+
+
+def _warn(message: str) -> None:
+    print(f"stateful-route build: {message}", file=sys.stderr)
+
+
+class OptionalBuildExt(build_ext):
+    """Build the mypyc extensions, or none of them when that fails or is off."""
+
+    def run(self) -> None:
+        if _mode() == "auto" and self.editable_mode:
+            _warn(
+                f"editable install, so the modules stay pure Python; "
+                f"set {MODE_VARIABLE}=1 to compile them"
+            )
+            return
+        try:
+            super().run()
+        except Exception as exc:
+            _warn(f"mypyc build failed, so the modules stay pure Python: {exc}")
+
+
+def _extensions() -> list[Any]:
+    if _mode() == "0":
+        return []
+    try:
+        from mypyc.build import mypycify
+    except ImportError as exc:
+        _warn(f"mypyc is not installed, so the modules stay pure Python: {exc}")
+        return []
+    try:
+        return list(mypycify(COMPILED_MODULES, group_name="stateful_route"))
+    except (Exception, SystemExit) as exc:
+        # mypycify type-checks first and exits on a mypy error.
+        _warn(f"mypyc rejected the modules, so they stay pure Python: {exc}")
+        return []
+
+
+setup(ext_modules=_extensions(), cmdclass={"build_ext": OptionalBuildExt})

@@ -56,6 +56,8 @@ COMPILED_MODULES = [
     "proxy/upstream_connection.py",
 ]
 MODE_VARIABLE = "STATEFUL_ROUTE_MYPYC"
+_EDITABLE_COMMANDS = {"editable_wheel", "develop"}
+_BUILD_COMMANDS = {"bdist_wheel", "build", "build_ext", "install"} | _EDITABLE_COMMANDS
 
 
 def _mode() -> str:
@@ -85,8 +87,21 @@ class OptionalBuildExt(build_ext):
             _warn(f"mypyc build failed, so the modules stay pure Python: {exc}")
 
 
+def _builds_code() -> bool:
+    """Tell whether this run of setup.py builds the package, not only its metadata.
+
+    pip runs setup.py once for each build step (``egg_info``, ``dist_info``,
+    then ``bdist_wheel`` or ``editable_wheel``), and mypyc's type check and
+    C generation take about a minute, so only a build step runs them.
+    """
+    arguments = set(sys.argv[1:])
+    if _mode() == "auto" and arguments & _EDITABLE_COMMANDS:
+        return False
+    return bool(arguments & _BUILD_COMMANDS)
+
+
 def _extensions() -> list[Any]:
-    if _mode() == "0":
+    if _mode() == "0" or not _builds_code():
         return []
     try:
         from mypyc.build import mypycify

@@ -186,52 +186,54 @@ class Forwarder:
                     )
                 else:
                     route = cached
-        except RequestError as exc:
+        except RequestError as invalid:
             logger.info(
                 "rejected %s %s with %d: %s%s",
                 request.method,
                 _safe_path(request.raw_path),
-                exc.status,
-                exc.message,
+                invalid.status,
+                invalid.message,
                 f" {format_ids(ids)}" if ids else "",
             )
-            return error_response(exc.status, exc.code, exc.message, **exc.details)
-        except StoreUnavailableError as exc:
+            return error_response(
+                invalid.status, invalid.code, invalid.message, **invalid.details
+            )
+        except StoreUnavailableError as unavailable:
             # The store logs the start and end of an outage; one line per
             # request would flood the log.
-            logger.debug("store unavailable for %s: %s", format_ids(ids), exc)
+            logger.debug("store unavailable for %s: %s", format_ids(ids), unavailable)
             response = error_response(
                 503,
                 "store_unavailable",
                 "the link store is unavailable, retry later",
-                backend=exc.backend,
+                backend=unavailable.backend,
             )
             response.headers["Retry-After"] = "1"
             return response
-        except StoreBusyError as exc:
-            logger.warning("store busy for %s: %s", format_ids(ids), exc)
+        except StoreBusyError as busy:
+            logger.warning("store busy for %s: %s", format_ids(ids), busy)
             response = error_response(
                 503,
                 "store_busy",
                 "the proxy has no free store connection, retry later",
-                backend=exc.backend,
+                backend=busy.backend,
             )
             response.headers["Retry-After"] = "1"
             return response
-        except StoreDataError as exc:
-            logger.error("invalid link data for %s: %s", format_ids(ids), exc)
-            return error_response(500, "invalid_link", str(exc))
-        except NoPodError as exc:
+        except StoreDataError as bad_link:
+            logger.error("invalid link data for %s: %s", format_ids(ids), bad_link)
+            return error_response(500, "invalid_link", str(bad_link))
+        except NoPodError as no_pod:
             logger.warning("no routable pod for %s", format_ids(ids))
             response = error_response(
                 503,
                 "no_pod",
-                f"service {exc.service!r} has no routable pod in "
-                f"namespace {exc.namespace!r}",
-                service=exc.service,
-                namespace=exc.namespace,
+                f"service {no_pod.service!r} has no routable pod in "
+                f"namespace {no_pod.namespace!r}",
+                service=no_pod.service,
+                namespace=no_pod.namespace,
             )
-            response.headers["Retry-After"] = str(self._retry_after_s(exc.service))
+            response.headers["Retry-After"] = str(self._retry_after_s(no_pod.service))
             return response
 
         ids["pod"] = route.pod.index
@@ -251,20 +253,20 @@ class Forwarder:
                 )
             else:
                 body = RequestBody()
-        except RequestRejected as exc:
-            return _body_rejected(request, exc, ids)
+        except RequestRejected as body_rejected:
+            return _body_rejected(request, body_rejected, ids)
         except (
             asyncio.IncompleteReadError,
             ConnectionError,
             HttpProcessingError,
-        ) as exc:
+        ) as body_error:
             logger.info(
                 "rejected %s %s with 400: request body ended early or is invalid "
                 "%s: %r",
                 request.method,
                 request.raw_path[:200],
                 format_ids(ids),
-                exc,
+                body_error,
             )
             return error_response(
                 400, "invalid_body", "the request body ended early or is invalid"

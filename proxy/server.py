@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from aiohttp import web
 
+from proxy import build_kind
 from proxy.admin import build_admin_app
 from proxy.cache import LinkCache
 from proxy.config import Config, StoreSettings
@@ -370,6 +371,7 @@ class ProxyServer:
             )
         parts.append(f"admin {self.admin_address or 'disabled'}")
         parts.append(f"store {describe_store(self.store)}")
+        parts.append(f"forwarding path {build_kind()}")
         if self.config.proxy.workers > 1:
             parts.append(f"worker {self.worker} of {self.config.proxy.workers}")
         logger.info("stateful-route %s", "; ".join(parts))

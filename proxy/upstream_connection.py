@@ -574,8 +574,8 @@ class Connection(asyncio.Protocol):
             offset = int(upgrade.args[0])
             if offset < len(data):
                 self.on_body(data[offset:])
-        except httptools.HttpParserError as exc:
-            self._fail(InvalidResponseError(f"invalid response: {exc}"))
+        except httptools.HttpParserError as parse_error:
+            self._fail(InvalidResponseError(f"invalid response: {parse_error}"))
             self.close()
 
     def _check_head_size(self) -> None:

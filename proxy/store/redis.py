@@ -623,28 +623,28 @@ class RedisStore:
                 result = await awaitable
             else:
                 result = await self._await_with_permit(self._cluster_permits, awaitable)
-        except MaxConnectionsError as error:
+        except MaxConnectionsError as exhausted:
             raise StoreBusyError(
                 self.backend,
                 f"all {self._max_connections} connections to a cluster node are "
                 "in use; raise store.redis_max_connections",
-            ) from error
-        except RedisConnectionError as error:
-            if str(error) == POOL_EXHAUSTED:
+            ) from exhausted
+        except RedisConnectionError as connection_error:
+            if str(connection_error) == POOL_EXHAUSTED:
                 raise StoreBusyError(
                     self.backend,
                     f"no free connection of {self._max_connections} within "
                     f"{self._timeout_s:g}s; raise store.redis_max_connections",
-                ) from error
-            reason = self._note_failure(error)
-            raise StoreUnavailableError(self.backend, reason) from error
-        except _UNAVAILABLE_ERRORS as error:
-            reason = self._note_failure(error)
-            raise StoreUnavailableError(self.backend, reason) from error
-        except RedisError as error:
+                ) from connection_error
+            reason = self._note_failure(connection_error)
+            raise StoreUnavailableError(self.backend, reason) from connection_error
+        except _UNAVAILABLE_ERRORS as unavailable:
+            reason = self._note_failure(unavailable)
+            raise StoreUnavailableError(self.backend, reason) from unavailable
+        except RedisError as failed:
             # An error reply such as WRONGTYPE: Redis is reachable, but the
             # command failed, so it does not end an outage either.
-            raise StoreError(f"redis command failed: {error}") from error
+            raise StoreError(f"redis command failed: {failed}") from failed
         self._note_reachable()
         return result
 

@@ -16,3 +16,24 @@ def build_kind() -> str:
 
     compiled = not (inbound.__file__ or "").endswith(".py")
     return "compiled" if compiled else "pure Python"
+
+
+def stale_compiled_modules() -> list[str]:
+    """Return the compiled modules whose source file changed after they were built.
+
+    Python imports a compiled module in place of its source file, so an
+    edit of the source has no effect until the next compiling install.
+    """
+    import sys
+    from pathlib import Path
+
+    stale = []
+    for name, module in list(sys.modules.items()):
+        path = getattr(module, "__file__", None)
+        if not name.startswith("proxy") or not path or path.endswith(".py"):
+            continue
+        compiled = Path(path)
+        source = compiled.with_name(compiled.name.partition(".")[0] + ".py")
+        if source.exists() and source.stat().st_mtime > compiled.stat().st_mtime:
+            stale.append(name)
+    return sorted(stale)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from aiohttp import web
 
-from proxy import build_kind
+from proxy import build_kind, stale_compiled_modules
 from proxy.admin import build_admin_app
 from proxy.cache import LinkCache
 from proxy.config import Config, StoreSettings
@@ -375,6 +375,15 @@ class ProxyServer:
         if self.config.proxy.workers > 1:
             parts.append(f"worker {self.worker} of {self.config.proxy.workers}")
         logger.info("stateful-route %s", "; ".join(parts))
+        stale = stale_compiled_modules()
+        if stale:
+            logger.warning(
+                "compiled modules older than their source files, so edits of "
+                "these sources have no effect: %s; compile again with "
+                "STATEFUL_ROUTE_MYPYC=1 pip install -e ., or delete the .so "
+                "files to run the sources",
+                ", ".join(stale),
+            )
 
     async def drain_pod(self) -> None:
         """Run the pod's drain before stopping, when the sidecar has a pod role."""

@@ -25,7 +25,14 @@ from proxy.admin_input import (
 from proxy.errors import RequestError
 from proxy.podset import PodStatus, parse_records
 from proxy.podside import PodAgent
-from proxy.podstate import DRAINED_BY_ADMIN, PodState, Routing, now_ms
+from proxy.podstate import (
+    DRAINED_BY_ADMIN,
+    MAX_LOAD,
+    MIN_LOAD,
+    PodState,
+    Routing,
+    now_ms,
+)
 from proxy.stats import pod_metrics
 
 if TYPE_CHECKING:
@@ -243,6 +250,13 @@ async def put_pod_state(request: web.Request) -> web.Response:
     agent = _pod_agent(server_of(request))
     body = await JsonBody.read(request, ("load", "routing"))
     load = body.integer("load")
+    if load is not None and not MIN_LOAD <= load <= MAX_LOAD:
+        raise RequestError(
+            400,
+            "invalid_field",
+            f"load {load} is invalid: expected a signed 64-bit integer",
+            field="load",
+        )
     routing_name = body.choice("routing", _ROUTING_NAMES)
     if load is None and routing_name is None:
         raise RequestError(

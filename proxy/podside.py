@@ -35,7 +35,15 @@ from proxy.inbound import Limits, parse_networks
 from proxy.inflight import InFlight
 from proxy.pods import Pod, parse_address
 from proxy.podset import parse_records
-from proxy.podstate import DRAINED_BY_ADMIN, PodState, Routing, Workload, now_ms
+from proxy.podstate import (
+    DRAINED_BY_ADMIN,
+    MAX_LOAD,
+    MIN_LOAD,
+    PodState,
+    Routing,
+    Workload,
+    now_ms,
+)
 from proxy.relay import Relay, answer_expect
 from proxy.store.base import LinkStore
 from proxy.upstream import UpstreamPool
@@ -179,6 +187,10 @@ class PodAgent:
                 await self.publish()
             except StoreError as exc:
                 logger.warning("cannot publish the pod state: %s", exc)
+            except Exception:
+                # A bug must not end the publishing, or the record goes
+                # stale and every router stops sending to this pod.
+                logger.exception("publishing the pod state failed")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stopping.wait(), period)
 
@@ -302,7 +314,7 @@ class PodAgent:
         workload = Workload(
             pods=len(fresh),
             ready=sum(1 for state in fresh if state.routing is Routing.READY),
-            load=sum(state.load for state in fresh),
+            load=min(max(sum(state.load for state in fresh), MIN_LOAD), MAX_LOAD),
             updated_ms=now,
         )
         await self._store.publish_workload(

@@ -28,6 +28,10 @@ import orjson
 from proxy.pods import parse_address
 
 DRAINED_BY_ADMIN = "admin"
+# The range of a load: a signed 64-bit integer, the range of a Java long.
+# The service-wide sum is clamped to it.
+MIN_LOAD = -(2**63)
+MAX_LOAD = 2**63 - 1
 """`drained_by` value of a drain written through the admin API."""
 
 
@@ -80,6 +84,8 @@ class PodState:
         load = record.get("load")
         if not isinstance(load, int) or isinstance(load, bool):
             raise ValueError(f"load {load!r} is not an integer")
+        if not MIN_LOAD <= load <= MAX_LOAD:
+            raise ValueError(f"load {load} is outside the signed 64-bit range")
         routing = record.get("routing")
         if not isinstance(routing, str) or routing not in Routing.__members__:
             raise ValueError(

@@ -353,6 +353,7 @@ class ProxyServer:
         self, work: Coroutine[Any, Any, None], name: str
     ) -> asyncio.Task[None]:
         task = asyncio.create_task(work, name=name)
+        task.add_done_callback(_log_failed_task)
         self._background.append(task)
         return task
 
@@ -522,3 +523,18 @@ async def serve(
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 RELOAD_SIGNALS = (signal.SIGHUP,)
+
+
+def _log_failed_task(task: asyncio.Task[None]) -> None:
+    """Log a background task that ended with an error, which nothing awaits."""
+    if task.cancelled():
+        return
+    error = task.exception()
+    if error is not None:
+        logger.error(
+            "background task %s stopped on an error: %r; what it does stops "
+            "until the proxy restarts",
+            task.get_name(),
+            error,
+            exc_info=error,
+        )

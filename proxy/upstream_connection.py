@@ -265,6 +265,7 @@ class Connection(asyncio.Protocol):
         self._continue_waiter: asyncio.Future[None] | None = None
         self._response: UpstreamResponse | None = None
         self._head_parts.clear()
+        self._head_size = 0
         self._transfer_encoding: str | None = None
         self._keep_alive = False
         self._received = False
@@ -553,6 +554,7 @@ class Connection(asyncio.Protocol):
             return
         if self._response is None:
             self._head_parts.append(data)
+            self._head_size += len(data)
         try:
             self._parser.feed_data(data)
             if self._response is None and self._active:
@@ -581,10 +583,11 @@ class Connection(asyncio.Protocol):
     def _check_head_size(self) -> None:
         """Fail the exchange once a response head in progress is too large.
 
-        Until the head is complete, every byte in `_head_parts` is a head byte.
+        Until the head is complete, every byte in `_head_parts` is a head
+        byte, and `_head_size` counts them, so a head sent in many small
+        reads costs no more than one sent whole.
         """
-        received = sum(len(part) for part in self._head_parts)
-        if received > MAX_RESPONSE_HEAD_BYTES:
+        if self._head_size > MAX_RESPONSE_HEAD_BYTES:
             self._fail(InvalidResponseError(_head_too_large()))
             self.close()
 
@@ -671,6 +674,7 @@ class Connection(asyncio.Protocol):
                 raise InvalidResponseError("101 Switching Protocols without Upgrade")
             # The next response head starts after this one, which has no body.
             parts[:] = (received[head_end:],)
+            self._head_size = len(parts[0])
             # An interim response is skipped. A 100 lets an Expect request
             # send its body.
             continued = self._continue_waiter

@@ -658,6 +658,8 @@ async def test_pod_state_rejects_shutdown(pod_proxy: Proxy) -> None:
         {"load": 1.5},
         {"load": "3"},
         {"load": None},
+        {"load": 2**63},
+        {"load": 2**64 - 1},
         {"routing": "ready"},
         {"routing": 1},
         {"load": 1, "weight": 2},

@@ -5,7 +5,7 @@ import pytest
 
 from proxy.config import PodSettings
 from proxy.podside import PodAgent
-from proxy.podstate import DRAINED_BY_ADMIN, PodState, Routing
+from proxy.podstate import DRAINED_BY_ADMIN, MAX_LOAD, PodState, Routing
 from proxy.store.memory import MemoryStore
 
 NS = "default"
@@ -168,6 +168,20 @@ async def test_pod_zero_publishes_workload() -> None:
         "load": 40,
         "updated_ms": NOW_MS,
     }
+
+
+async def test_workload_load_sum_clamped() -> None:
+    store = MemoryStore()
+    other = PodState(MAX_LOAD, Routing.READY, NOW_MS, "10.0.0.2:8000").encode()
+    await store.publish_pod_state(NS, SERVICE, 1, other)
+    agent = make_agent(store, index=0)
+    agent.report(load=MAX_LOAD)
+
+    await agent.publish()
+
+    workload = await store.read_workload(NS, SERVICE)
+    assert workload is not None
+    assert orjson.loads(workload)["load"] == MAX_LOAD
 
 
 async def test_other_pods_write_no_workload() -> None:

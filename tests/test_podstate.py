@@ -92,6 +92,16 @@ def test_negative_load_decodes_as_integer() -> None:
     assert state.load == -500
 
 
+# orjson reads a number below the signed 64-bit range as a float.
+@pytest.mark.parametrize(
+    ("load", "message"),
+    [(2**63, "outside the signed 64-bit range"), (-(2**63) - 1, "not an integer")],
+)
+def test_load_beyond_64_bits_rejected(load: int, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        PodState.decode(raw_record(load=load, routing="READY", updated_ms=NOW_MS))
+
+
 def test_decode_accepts_bytes() -> None:
     text = raw_record(load=3, routing="READY", updated_ms=NOW_MS).encode()
 

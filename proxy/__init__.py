@@ -27,10 +27,14 @@ def stale_compiled_modules() -> list[str]:
     import sys
     from pathlib import Path
 
+    # An installed package gets its sources and extensions written in one
+    # go, in no set order, so only a source tree can have stale ones.
+    if not (Path(__file__).parent.parent / "pyproject.toml").exists():
+        return []
     stale = []
     for name, module in list(sys.modules.items()):
         path = getattr(module, "__file__", None)
-        if not name.startswith("proxy") or not path or path.endswith(".py"):
+        if name.partition(".")[0] != "proxy" or not path or path.endswith(".py"):
             continue
         compiled = Path(path)
         source = compiled.with_name(compiled.name.partition(".")[0] + ".py")

@@ -272,6 +272,9 @@ class PodAgent:
             await self.publish()
         except StoreError as exc:
             logger.warning("cannot publish routing=%s: %s", self.routing.value, exc)
+        except Exception:
+            # The drain goes on, so SHUTDOWN is still published at its end.
+            logger.exception("publishing routing=%s failed", self.routing.value)
 
     async def _read_own_record(self) -> str | None:
         settings = self.settings

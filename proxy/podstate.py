@@ -28,11 +28,11 @@ import orjson
 from proxy.pods import parse_address
 
 DRAINED_BY_ADMIN = "admin"
+"""`drained_by` value of a drain written through the admin API."""
 # The range of a load: a signed 64-bit integer, the range of a Java long.
 # The service-wide sum is clamped to it.
 MIN_LOAD = -(2**63)
 MAX_LOAD = 2**63 - 1
-"""`drained_by` value of a drain written through the admin API."""
 
 
 class Routing(StrEnum):

@@ -375,11 +375,18 @@ class Connection(asyncio.Protocol):
         continued = self._continue_waiter
         assert continued is not None
         self._start_timer()
-        await asyncio.wait(
-            (head_waiter, continued),
-            timeout=_EXPECT_WAIT_S,
-            return_when=asyncio.FIRST_COMPLETED,
-        )
+        # A pod need not send 100 Continue, so the read timeout does not run
+        # while the proxy keeps the body back.
+        self._awaiting_client = True
+        try:
+            await asyncio.wait(
+                (head_waiter, continued),
+                timeout=_EXPECT_WAIT_S,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            self._awaiting_client = False
+        self._last_activity = self._loop.time()
         if head_waiter.done():
             # The pod sent a final response before the body, so the body is
             # never sent and the connection cannot carry another one.

@@ -895,6 +895,32 @@ async def test_expect_continue_relayed_once(
     assert final.body.endswith(b"\r\n\r\nupload body")
 
 
+async def test_expect_wait_outlives_short_read_timeout(proxy: ProxyProcess) -> None:
+    # The pod sends no 100 Continue, so the proxy sends its own after 1 s,
+    # the read timeout of service "quick".
+    head = request_head(
+        "/echo?expect-silent",
+        method="POST",
+        service="quick",
+        extra="Expect: 100-continue\r\nContent-Length: 11\r\n",
+    )
+    reader, writer = await open_client(proxy)
+    try:
+        writer.write(head)
+        await writer.drain()
+        async with asyncio.timeout(RAW_TIMEOUT_S):
+            interim = await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"upload body")
+        await writer.drain()
+        final = await read_framed(reader)
+    finally:
+        await close_client(writer)
+
+    assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+    assert final.status == 200
+    assert final.body.endswith(b"\r\n\r\nupload body")
+
+
 async def test_other_expectation_gets_417(proxy: ProxyProcess) -> None:
     response = await exchange(
         proxy,

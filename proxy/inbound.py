@@ -434,13 +434,7 @@ class InboundServer(IdleSweepServer):
         try:
             check_request(request, self.limits)
         except RequestRejected as exc:
-            logger.info(
-                "rejected request from %s with %d: %s",
-                peer_of(request),
-                exc.status,
-                exc.message,
-            )
-            return closing_error(exc.status, exc.code, exc.message)
+            return _rejected(request, exc)
         return await self._checked_handler(request)
 
     def __call__(self) -> InboundRequestHandler:
@@ -932,13 +926,7 @@ class InboundRequestHandler(OnDemandRequestHandler):
             # connection can only be broken off.
             raise ConnectionError("response already started, cannot send an error")
         if isinstance(exc, RequestRejected):
-            logger.info(
-                "rejected request from %s with %d: %s",
-                peer_of(request),
-                exc.status,
-                exc.message,
-            )
-            return closing_error(exc.status, exc.code, exc.message)
+            return _rejected(request, exc)
         if isinstance(exc, HttpProcessingError) and status == 400:
             status, code = _parse_error_status(exc)
             reason = (exc.message or type(exc).__name__)[:200]
@@ -972,3 +960,14 @@ def _parse_error_status(exc: HttpProcessingError) -> tuple[int, str]:
     if isinstance(exc, BadStatusLine) and "Invalid HTTP version" in exc.message:
         return 505, "unsupported_http_version"
     return 400, "invalid_request"
+
+
+def _rejected(request: web.BaseRequest, exc: RequestRejected) -> web.Response:
+    """Log a rejected request and return its error response, which closes."""
+    logger.info(
+        "rejected request from %s with %d: %s",
+        peer_of(request),
+        exc.status,
+        exc.message,
+    )
+    return closing_error(exc.status, exc.code, exc.message)

@@ -28,11 +28,13 @@ logger = logging.getLogger("stateful_route.relay")
 def websocket_upgrade(request: web.BaseRequest) -> str | None:
     """Return the Upgrade value of a WebSocket upgrade request, else None.
 
-    Only ``Upgrade: websocket`` on a GET with ``Connection: upgrade`` counts,
-    the upgrade that aiohttp's server hands over to its handler.
+    Only ``Upgrade: websocket`` on an HTTP/1.1 GET with ``Connection:
+    upgrade`` counts, the upgrade that aiohttp's server hands over to its
+    handler. RFC 9110 section 7.8 has a server ignore Upgrade in an HTTP/1.0
+    request, so such a request goes to the pod as a plain one.
     """
     upgrade = request.headers.get("Upgrade")
-    if upgrade is None or request.method != "GET":
+    if upgrade is None or request.method != "GET" or request.version < (1, 1):
         return None
     if upgrade.strip().lower() != "websocket":
         return None

@@ -208,3 +208,38 @@ async def test_refused_upgrade_stays_http(
     assert "Upgrade" not in refused.headers
     assert after.status == 200
     assert after.body == b"plain"
+
+
+async def test_http10_upgrade_ignored(proxy: ProxyProcess) -> None:
+    # RFC 9110 section 7.8: a server ignores Upgrade in an HTTP/1.0 request,
+    # so the pod gets a plain GET, and the connection serves the next one.
+    head = (
+        "GET /ws HTTP/1.0\r\n"
+        f"Host: {LOOPBACK}\r\n"
+        "X-Uid: talker\r\n"
+        "X-Service: chat\r\n"
+        "Connection: Upgrade, keep-alive\r\n"
+        "Upgrade: websocket\r\n"
+        "Sec-WebSocket-Version: 13\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        "\r\n"
+    )
+    reader, writer = await asyncio.open_connection(LOOPBACK, proxy.port)
+    try:
+        writer.write(head.encode("latin-1"))
+        await writer.drain()
+        ignored = await read_framed(reader)
+        writer.write(
+            f"GET /plain HTTP/1.0\r\nHost: {LOOPBACK}\r\n"
+            "X-Uid: talker\r\nX-Service: chat\r\n\r\n".encode("latin-1")
+        )
+        await writer.drain()
+        after = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        await close_client(writer)
+
+    assert ignored.status == 400
+    assert ignored.body.startswith(b"No WebSocket UPGRADE hdr")
+    assert "Upgrade" not in ignored.headers
+    assert after.startswith(b"HTTP/1.0 200 ")
+    assert after.endswith(b"\r\n\r\nplain")

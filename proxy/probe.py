@@ -30,6 +30,7 @@ from proxy.pods import Pod
 from proxy.services import Service
 from proxy.statetable import PodStates
 from proxy.statuses import StatusRanges
+from proxy.upstream_connection import MAX_RESPONSE_HEAD_BYTES
 
 logger = logging.getLogger("stateful_route.health")
 
@@ -39,6 +40,9 @@ JITTER = (0.9, 1.1)
 # sets and ejections end within this time even without probes.
 TICK_S = 1.0
 USER_AGENT = "stateful-route-health"
+# The maximum number of header lines in a head within the proxy's limit. The
+# shortest line, such as "a:" and its CRLF, takes 4 bytes.
+MAX_PROBE_HEADERS = MAX_RESPONSE_HEAD_BYTES // 4
 
 
 class ProbeError(StatefulRouteError):
@@ -62,7 +66,9 @@ async def probe(
 ) -> None:
     """Send one probe to `pod` and raise `ProbeError` unless it passes.
 
-    The body of the response is not read.
+    The body of the response is not read. A response head larger than the
+    proxy forwards (`MAX_RESPONSE_HEAD_BYTES`) fails, because requests
+    routed to the pod would get a 502.
     """
     route, _, query = path.partition("?")
     url = URL.build(
@@ -81,6 +87,7 @@ async def probe(
             ) as response,
         ):
             status = response.status
+            head_size = _head_size(response)
     except TimeoutError:
         raise ProbeError("timeout", f"no response within {timeout_s:g} s") from None
     except aiohttp.ClientConnectorError as exc:
@@ -88,8 +95,28 @@ async def probe(
     except (aiohttp.ClientError, OSError) as exc:
         detail = str(exc) or type(exc).__name__
         raise ProbeError("error", f"request failed: {detail}") from None
+    if head_size > MAX_RESPONSE_HEAD_BYTES:
+        raise ProbeError(
+            "error",
+            f"response head of about {head_size} bytes is larger than "
+            f"{MAX_RESPONSE_HEAD_BYTES} bytes",
+        )
     if status not in expected:
         raise ProbeError("status", f"status {status}, expected {expected}")
+
+
+def _head_size(response: aiohttp.ClientResponse) -> int:
+    """Return the size of a response head as sent, from its parsed lines.
+
+    NOTE: the parser drops the spaces around each header value. They are
+    counted as one space, so a head with more of them is counted short by
+    those bytes.
+    """
+    reason = response.reason or ""
+    size = len(f"HTTP/1.1 {response.status} {reason}\r\n")
+    for name, value in response.raw_headers:
+        size += len(name) + len(value) + 4
+    return size + 2
 
 
 def new_probe_session() -> aiohttp.ClientSession:
@@ -102,6 +129,11 @@ def new_probe_session() -> aiohttp.ClientSession:
         connector=aiohttp.TCPConnector(limit=0, force_close=True),
         cookie_jar=aiohttp.DummyCookieJar(),
         timeout=aiohttp.ClientTimeout(total=None),
+        # The proxy limits only the whole head, so a long line or many
+        # lines pass here as they pass there, and `probe` checks the size.
+        max_line_size=MAX_RESPONSE_HEAD_BYTES,
+        max_field_size=MAX_RESPONSE_HEAD_BYTES,
+        max_headers=MAX_PROBE_HEADERS,
     )
     # NOTE: aiohttp (3.14.5 here) sends a GET again, once, when the server
     # closes the connection before the response, which would turn a reset

@@ -157,6 +157,15 @@ SCRIPTS: dict[str, list[Step]] = {
         b"Content-Length: 2\r\n\r\nok",
     ],
     "huge-head-whole": [_OK_HEAD + _FILLER + b"Content-Length: 2\r\n\r\nok"],
+    # Within the limit: one header line of 20,000 bytes, and 2,000 lines.
+    "long-header-line": [
+        _OK_HEAD + b"X-Long: " + b"l" * 20_000 + b"\r\nContent-Length: 2\r\n\r\nok"
+    ],
+    "many-headers": [
+        _OK_HEAD
+        + b"".join(b"X-%d: v\r\n" % i for i in range(2_000))
+        + b"Content-Length: 2\r\n\r\nok"
+    ],
     "large-head": [
         _OK_HEAD + _FILLER[: 15 * _FILLER_LINE],
         0.05,

@@ -10,6 +10,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from conftest import LOOPBACK, free_port
+from scripted_pod import ScriptedPod
 
 from proxy.config import ServiceSettings
 from proxy.health import HealthState
@@ -165,6 +166,43 @@ async def test_probe_keeps_query_string(session: aiohttp.ClientSession) -> None:
         await runner.cleanup()
 
     assert seen == ["/ready?deep=1"]
+
+
+@pytest.fixture
+async def scripted_pod() -> AsyncIterator[ScriptedPod]:
+    pod = ScriptedPod()
+    await pod.start()
+    try:
+        yield pod
+    finally:
+        await pod.stop()
+
+
+@pytest.mark.parametrize("script", ["huge-head", "huge-head-whole"])
+async def test_head_over_proxy_limit_fails(
+    scripted_pod: ScriptedPod, session: aiohttp.ClientSession, script: str
+) -> None:
+    # The proxy returns 502 to a request whose pod sends such a head.
+    pod = Pod(0, Address(LOOPBACK, scripted_pod.port))
+
+    with pytest.raises(ProbeError) as caught:
+        await probe(session, pod, f"/{script}", TIMEOUT_S * 10, EXPECTED)
+
+    assert caught.value.kind == "error"
+    assert "response head of about 80" in str(caught.value)
+    assert "larger than 65536 bytes" in str(caught.value)
+
+
+@pytest.mark.parametrize("script", ["large-head", "long-header-line", "many-headers"])
+async def test_head_within_proxy_limit_passes(
+    scripted_pod: ScriptedPod, session: aiohttp.ClientSession, script: str
+) -> None:
+    # The proxy relays these heads, so the probe must pass them too.
+    pod = Pod(0, Address(LOOPBACK, scripted_pod.port))
+
+    await probe(session, pod, f"/{script}", TIMEOUT_S * 10, EXPECTED)
+
+    assert [event.target for event in scripted_pod.events] == [f"/{script}"]
 
 
 # The health loop.

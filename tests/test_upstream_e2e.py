@@ -626,6 +626,22 @@ async def test_pod_head_under_limit_relayed(proxy: ProxyProcess) -> None:
     assert response.headers["X-Filler-29"] == "f" * 2000
 
 
+async def test_pod_head_with_long_line_relayed(proxy: ProxyProcess) -> None:
+    response = await exchange(proxy, request_head("/long-header-line"))
+
+    assert response.status == 200
+    assert response.body == b"ok"
+    assert response.headers["X-Long"] == "l" * 20_000
+
+
+async def test_pod_head_with_many_lines_relayed(proxy: ProxyProcess) -> None:
+    response = await exchange(proxy, request_head("/many-headers"))
+
+    assert response.status == 200
+    assert response.body == b"ok"
+    assert response.headers["X-1999"] == "v"
+
+
 @pytest.mark.parametrize(
     "script",
     [

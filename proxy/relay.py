@@ -49,7 +49,11 @@ from proxy.upstream import (
     UpstreamPool,
     UpstreamResponse,
 )
-from proxy.upstream_connection import ClientBodyError
+from proxy.upstream_connection import (
+    ClientBodyError,
+    ConnectionClosedError,
+    InvalidResponseError,
+)
 
 logger = logging.getLogger("stateful_route.relay")
 
@@ -506,9 +510,23 @@ def _upstream_error(error: UpstreamError, ids: dict[str, Any]) -> web.Response:
     return error_response(
         502,
         "pod_error",
-        f"pod {pod.index} failed: {type(error.cause).__name__}",
+        f"pod {pod.index} failed: {_failure_reason(error.cause)}",
         pod=pod.index,
     )
+
+
+def _failure_reason(cause: BaseException) -> str:
+    """Return the reason for a pod's failure, as the client's 502 shows it.
+
+    The proxy's own messages of an invalid response or a closed connection
+    name the fault, such as a response head over the limit. Other errors,
+    from the OS for example, show only their type.
+    """
+    if isinstance(cause, (InvalidResponseError, ConnectionClosedError)):
+        reason = str(cause)
+        if reason:
+            return _safe_id(reason) if len(reason) > _ID_SHOWN_LENGTH else reason
+    return type(cause).__name__
 
 
 def _abort_relay(

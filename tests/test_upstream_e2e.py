@@ -643,18 +643,21 @@ async def test_pod_head_with_many_lines_relayed(proxy: ProxyProcess) -> None:
 
 
 @pytest.mark.parametrize(
-    "script",
+    ("script", "reason"),
     [
-        "duplicate-length",
-        "conflicting-length",
-        "length-and-chunked",
+        ("duplicate-length", "invalid response: Duplicate Content-Length"),
+        ("conflicting-length", "invalid response: Duplicate Content-Length"),
+        (
+            "length-and-chunked",
+            "invalid response: Transfer-Encoding can't be present with Content-Length",
+        ),
         # Response heads over the 64 KiB limit.
-        "huge-head",
-        "huge-head-whole",
+        ("huge-head", "response head larger than 65536 bytes"),
+        ("huge-head-whole", "response head larger than 65536 bytes"),
     ],
 )
 async def test_invalid_pod_head_gives_502_and_new_connection(
-    proxy: ProxyProcess, pod_log: PodLog, script: str
+    proxy: ProxyProcess, pod_log: PodLog, script: str, reason: str
 ) -> None:
     failed, after, connections = await fail_then_follow(
         proxy, pod_log, script, f"invalid-{script}"
@@ -662,6 +665,7 @@ async def test_invalid_pod_head_gives_502_and_new_connection(
 
     assert failed.status == 502
     assert json.loads(failed.body)["error"] == "pod_error"
+    assert json.loads(failed.body)["message"] == f"pod 0 failed: {reason}"
     assert after.status == 200
     assert len(connections) == 2
     assert connections[0] != connections[1]

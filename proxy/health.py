@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
+from proxy.logs import REPEAT_EXEMPT
 from proxy.pods import Pod
 
 if TYPE_CHECKING:
@@ -440,7 +441,12 @@ async def next_transition(
 
 
 def log_transition(transition: Transition) -> None:
-    """Log one transition: WARNING when the pod became unusable, INFO when usable."""
+    """Log one transition: WARNING when the pod became unusable, INFO when usable.
+
+    The lines are exempt from the repeat filter, which would otherwise hide
+    which pods went down when many go down at once. The health thresholds
+    bound how often one pod can change state.
+    """
     pod = transition.pod
     log = logger.info if transition.usable else logger.warning
     log(
@@ -451,6 +457,7 @@ def log_transition(transition: Transition) -> None:
         transition.new,
         transition.old,
         transition.reason,
+        extra=REPEAT_EXEMPT,
     )
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from proxy.config import ServiceSettings
 from proxy.health import HealthState, HealthTable, Transition, log_transition
+from proxy.logs import RepeatFilter
 from proxy.pods import Address, Pod
 
 PODS = tuple(Pod(index, Address("127.0.0.1", 9000 + index)) for index in range(4))
@@ -473,6 +474,26 @@ def test_down_logged_as_warning(caplog: pytest.LogCaptureFixture) -> None:
     assert record.getMessage() == (
         "pod=1 service=game at 127.0.0.1:9001 is now unhealthy (was healthy): timeout"
     )
+
+
+def test_many_pods_down_all_logged(caplog: pytest.LogCaptureFixture) -> None:
+    # The repeat filter lets a few lines of one template through per
+    # window, and each pod's transition must still be logged.
+    repeat_filter = RepeatFilter(repeats=2, window_s=60)
+    pods = [Pod(index, Address("127.0.0.1", 9000 + index)) for index in range(8)]
+
+    with caplog.at_level(logging.INFO, logger="stateful_route.health"):
+        for pod in pods:
+            log_transition(
+                Transition(
+                    "game", pod, HealthState.HEALTHY, HealthState.UNHEALTHY, "timeout"
+                )
+            )
+
+    passed = [record for record in caplog.records if repeat_filter.filter(record)]
+    assert [record.getMessage().split()[0] for record in passed] == [
+        f"pod={index}" for index in range(8)
+    ]
 
 
 def test_up_logged_as_info(caplog: pytest.LogCaptureFixture) -> None:

@@ -8,8 +8,11 @@
 - ``1``: compile, also for an editable install.
 - ``0``: build pure Python.
 
-A failed compilation, such as one without a C compiler, falls back to pure
-Python with a warning, so the package installs either way. The compiled
+With ``auto``, a failed compilation, such as one without a C compiler,
+falls back to pure Python with a warning, so the package installs either
+way. With ``1`` it fails the build, because compiled modules were
+requested. mypyc's ``-Werror`` is dropped, so a compiler that warns about
+the generated C, as a newer one may, still builds it. The compiled
 modules import the ``.so`` next to each source file, and Python prefers
 the ``.so`` when both exist.
 """
@@ -84,6 +87,11 @@ class OptionalBuildExt(build_ext):
         try:
             super().run()
         except Exception as exc:
+            if _mode() == "1":
+                raise SystemExit(
+                    f"stateful-route build: mypyc build failed with "
+                    f"{MODE_VARIABLE}=1: {exc}"
+                ) from exc
             _warn(f"mypyc build failed, so the modules stay pure Python: {exc}")
 
 
@@ -106,14 +114,29 @@ def _extensions() -> list[Any]:
     try:
         from mypyc.build import mypycify
     except ImportError as exc:
+        if _mode() == "1":
+            raise SystemExit(
+                f"stateful-route build: {MODE_VARIABLE}=1, but mypyc is not "
+                f"installed: {exc}"
+            ) from exc
         _warn(f"mypyc is not installed, so the modules stay pure Python: {exc}")
         return []
     try:
-        return list(mypycify(COMPILED_MODULES, group_name="stateful_route"))
+        extensions = list(mypycify(COMPILED_MODULES, group_name="stateful_route"))
     except (Exception, SystemExit) as exc:
         # mypycify type-checks first and exits on a mypy error.
+        if _mode() == "1":
+            raise SystemExit(
+                f"stateful-route build: mypyc rejected the modules with "
+                f"{MODE_VARIABLE}=1: {exc}"
+            ) from exc
         _warn(f"mypyc rejected the modules, so they stay pure Python: {exc}")
         return []
+    for extension in extensions:
+        extension.extra_compile_args = [
+            flag for flag in extension.extra_compile_args if flag != "-Werror"
+        ]
+    return extensions
 
 
 setup(ext_modules=_extensions(), cmdclass={"build_ext": OptionalBuildExt})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 __version__ = "0.1.0"
 
 
@@ -18,26 +20,30 @@ def build_kind() -> str:
     return "compiled" if compiled else "pure Python"
 
 
-def stale_compiled_modules() -> list[str]:
+def stale_compiled_modules(package_dir: Path | None = None) -> list[str]:
     """Return the compiled modules whose source file changed after they were built.
 
     Python imports a compiled module in place of its source file, so an
     edit of the source has no effect until the next compiling install.
+    Every extension module in the package's directory counts, imported or
+    not. `package_dir` is the package's directory, this package's by
+    default.
     """
-    import sys
-    from pathlib import Path
+    from importlib.machinery import EXTENSION_SUFFIXES
 
+    package = package_dir or Path(__file__).parent
     # An installed package gets its sources and extensions written in one
     # go, in no set order, so only a source tree can have stale ones.
-    if not (Path(__file__).parent.parent / "pyproject.toml").exists():
+    if not (package.parent / "pyproject.toml").exists():
         return []
     stale = []
-    for name, module in list(sys.modules.items()):
-        path = getattr(module, "__file__", None)
-        if name.partition(".")[0] != "proxy" or not path or path.endswith(".py"):
+    for compiled in package.rglob("*"):
+        suffixes = [end for end in EXTENSION_SUFFIXES if compiled.name.endswith(end)]
+        if not suffixes:
             continue
-        compiled = Path(path)
-        source = compiled.with_name(compiled.name.partition(".")[0] + ".py")
+        suffix = suffixes[0]
+        source = compiled.with_name(compiled.name[: -len(suffix)] + ".py")
         if source.exists() and source.stat().st_mtime > compiled.stat().st_mtime:
-            stale.append(name)
+            parts = source.relative_to(package.parent).with_suffix("").parts
+            stale.append(".".join(parts))
     return sorted(stale)

@@ -42,6 +42,10 @@ _SPACE = ord(" ")
 # is a 502. .NET's HttpClient also takes at most 64 KiB by default
 # (HttpClientHandler.MaxResponseHeadersLength).
 MAX_RESPONSE_HEAD_BYTES = 64 * 1024
+# Maximum interim (1xx) responses before the final one of a request. More are
+# a 502. Ruby's net-http has the same bound
+# (Net::HTTPResponse::MAX_INFORMATIONAL_RESPONSES).
+MAX_INTERIM_RESPONSES = 100
 
 
 class UpstreamFailure(StatefulRouteError):
@@ -266,6 +270,7 @@ class Connection(asyncio.Protocol):
         self._response: UpstreamResponse | None = None
         self._head_parts.clear()
         self._head_size = 0
+        self._interim_count = 0
         self._transfer_encoding: str | None = None
         self._keep_alive = False
         self._received = False
@@ -679,6 +684,13 @@ class Connection(asyncio.Protocol):
         if status < 200:
             if status == 101:
                 raise InvalidResponseError("101 Switching Protocols without Upgrade")
+            self._interim_count += 1
+            if self._interim_count > MAX_INTERIM_RESPONSES:
+                # Each one restarts the read timeout, so without a bound a
+                # pod could keep the request open forever.
+                raise InvalidResponseError(
+                    f"more than {MAX_INTERIM_RESPONSES} interim responses"
+                )
             # The next response head starts after this one, which has no body.
             parts[:] = (received[head_end:],)
             self._head_size = len(parts[0])

@@ -85,6 +85,15 @@ SCRIPTS: dict[str, list[Step]] = {
         0.05,
         _OK_HEAD + b"Content-Length: 5\r\nX-Final: yes\r\n\r\nfinal",
     ],
+    # At and one over the proxy's bound of 100 interim responses.
+    "interim-100": [
+        b"HTTP/1.1 102 Processing\r\n\r\n" * 100,
+        _OK_HEAD + b"Content-Length: 5\r\n\r\nfinal",
+    ],
+    "interim-101": [
+        b"HTTP/1.1 102 Processing\r\n\r\n" * 101,
+        _OK_HEAD + b"Content-Length: 5\r\n\r\nfinal",
+    ],
     "dated": [
         b"HTTP/1.1 200 OK\r\nDate: Tue, 01 Dec 2026 10:00:00 GMT\r\n"
         b"Content-Length: 2\r\n\r\nok"

@@ -532,6 +532,13 @@ async def test_not_modified_keeps_pod_length(proxy: ProxyProcess) -> None:
 # Interim responses.
 
 
+async def test_hundred_interim_responses_skipped(proxy: ProxyProcess) -> None:
+    response = await exchange(proxy, request_head("/interim-100"))
+
+    assert response.status == 200
+    assert response.body == b"final"
+
+
 async def test_interim_responses_not_taken_for_final(proxy: ProxyProcess) -> None:
     reader, writer = await open_client(proxy)
     try:
@@ -654,6 +661,7 @@ async def test_pod_head_with_many_lines_relayed(proxy: ProxyProcess) -> None:
         # Response heads over the 64 KiB limit.
         ("huge-head", "response head larger than 65536 bytes"),
         ("huge-head-whole", "response head larger than 65536 bytes"),
+        ("interim-101", "more than 100 interim responses"),
     ],
 )
 async def test_invalid_pod_head_gives_502_and_new_connection(

@@ -443,8 +443,6 @@ class RedisStore:
         self._failed_calls = 0
         self._last_probe = 0.0
         self._outage_reason = ""
-        # time.monotonic() of the last reply from Redis, 0.0 before the first.
-        self._last_reply_at = 0.0
         # Called after every round trip, including the calls that fail at
         # once during an outage.
         self.observer: StoreObserver | None = None
@@ -633,9 +631,10 @@ class RedisStore:
             ) from exhausted
         except RedisConnectionError as connection_error:
             if str(connection_error) == POOL_EXHAUSTED:
-                raise self._exhausted(
+                raise StoreBusyError(
+                    self.backend,
                     f"no free connection of {self._max_connections} within "
-                    f"{self._timeout_s:g}s; raise store.redis_max_connections"
+                    f"{self._timeout_s:g}s; raise store.redis_max_connections",
                 ) from connection_error
             reason = self._note_failure(connection_error)
             raise StoreUnavailableError(self.backend, reason) from connection_error
@@ -645,9 +644,7 @@ class RedisStore:
         except RedisError as failed:
             # An error reply such as WRONGTYPE: Redis is reachable, but the
             # command failed, so it does not end an outage either.
-            self._last_reply_at = time.monotonic()
             raise StoreError(f"redis command failed: {failed}") from failed
-        self._last_reply_at = time.monotonic()
         self._note_reachable()
         return result
 
@@ -665,37 +662,16 @@ class RedisStore:
             if inspect.iscoroutine(awaitable):
                 awaitable.close()
             if isinstance(error, TimeoutError):
-                raise self._exhausted(
+                raise StoreBusyError(
+                    self.backend,
                     f"{self._max_connections} calls, the maximum, were in flight "
-                    f"for {self._timeout_s:g}s; raise store.redis_max_connections"
+                    f"for {self._timeout_s:g}s; raise store.redis_max_connections",
                 ) from None
             raise
         try:
             return await awaitable
         finally:
             permits.release()
-
-    def _exhausted(self, busy_message: str) -> StoreError:
-        """Return the error of a call that found no free connection in time.
-
-        It is StoreBusyError while other calls return. When none returned
-        during the wait, Redis has stalled, as under CLIENT PAUSE, and the
-        calls holding the connections wait for their own timeouts. That is
-        an outage, in which new users get degraded placement, so the call
-        starts one and gets StoreUnavailableError.
-
-        NOTE: a proxy process that gets no CPU for longer than the timeout
-        may also find no reply and start an outage.
-        """
-        if time.monotonic() - self._last_reply_at < self._timeout_s:
-            return StoreBusyError(self.backend, busy_message)
-        reason = self._note_failure(
-            TimeoutError(
-                f"no reply from Redis within {self._timeout_s:g}s while all "
-                f"{self._max_connections} connections were in use"
-            )
-        )
-        return StoreUnavailableError(self.backend, reason)
 
     async def _start_cluster(self, lock: asyncio.Lock) -> None:
         """Read the cluster's slot map once, before the first command.

@@ -415,6 +415,35 @@ async def test_exhausted_pool_raises_store_busy(redis_server: RedisServer) -> No
     assert (idle, in_use) == (1, 0)
 
 
+async def test_short_pause_gives_busy_not_outage(
+    private_redis_server: RedisServer,
+) -> None:
+    # The calls holding the two connections time out once and succeed on a
+    # retry after the pause. The calls waiting for a connection time out
+    # first, as busy: an outage would place uncached users by the hash.
+    store = RedisStore(
+        private_redis_server.url, max_connections=2, timeout_s=0.4, retries=2
+    )
+    admin = redis.asyncio.Redis.from_url(private_redis_server.url)
+    try:
+        await store.get(NS, "warm", SERVICE)
+        await admin.execute_command("CLIENT", "PAUSE", "500", "ALL")
+        results = await asyncio.gather(
+            *(store.get(NS, f"paused-{index}", SERVICE) for index in range(8)),
+            return_exceptions=True,
+        )
+        unavailable = store.unavailable
+    finally:
+        await admin.execute_command("CLIENT", "UNPAUSE")
+        await admin.aclose()
+        await store.close()
+
+    busy = [result for result in results if isinstance(result, StoreBusyError)]
+    assert busy
+    assert all(result is None or result in busy for result in results)
+    assert not unavailable
+
+
 # Idle connections
 
 

@@ -22,15 +22,19 @@ import logging
 import random
 from collections.abc import Awaitable
 
-import aiohttp
-from yarl import URL
+import httptools
 
 from proxy.errors import StatefulRouteError
 from proxy.pods import Pod
 from proxy.services import Service
 from proxy.statetable import PodStates
 from proxy.statuses import StatusRanges
-from proxy.upstream_connection import MAX_RESPONSE_HEAD_BYTES
+from proxy.upstream_connection import (
+    MAX_INTERIM_RESPONSES,
+    MAX_RESPONSE_HEAD_BYTES,
+    InvalidResponseError,
+    split_head,
+)
 
 logger = logging.getLogger("stateful_route.health")
 
@@ -40,9 +44,8 @@ JITTER = (0.9, 1.1)
 # sets and ejections end within this time even without probes.
 TICK_S = 1.0
 USER_AGENT = "stateful-route-health"
-# The maximum number of header lines in a head within the proxy's limit. The
-# shortest line, such as "a:" and its CRLF, takes 4 bytes.
-MAX_PROBE_HEADERS = MAX_RESPONSE_HEAD_BYTES // 4
+# Bytes asked of the socket per read of a probe response.
+_READ_SIZE = 16 * 1024
 
 
 class ProbeError(StatefulRouteError):
@@ -58,7 +61,6 @@ class ProbeError(StatefulRouteError):
 
 
 async def probe(
-    session: aiohttp.ClientSession,
     pod: Pod,
     path: str,
     timeout_s: float,
@@ -66,81 +68,110 @@ async def probe(
 ) -> None:
     """Send one probe to `pod` and raise `ProbeError` unless it passes.
 
-    The body of the response is not read. A response head larger than the
-    proxy forwards (`MAX_RESPONSE_HEAD_BYTES`) fails, because requests
-    routed to the pod would get a 502.
+    The probe reads the response head with llhttp under the limits of the
+    proxy's forwarding path, because requests routed to the pod would get a
+    502 where they fail. So a head larger than `MAX_RESPONSE_HEAD_BYTES`,
+    more than `MAX_INTERIM_RESPONSES` interim responses, or a head that
+    llhttp rejects fails the probe. The body is not read.
     """
-    route, _, query = path.partition("?")
-    url = URL.build(
-        scheme="http",
-        host=pod.address.host,
-        port=pod.address.port,
-        path=route,
-        query_string=query,
-        encoded=True,
-    )
     try:
-        async with (
-            asyncio.timeout(timeout_s),
-            session.get(
-                url, allow_redirects=False, headers={"User-Agent": USER_AGENT}
-            ) as response,
-        ):
-            status = response.status
-            head_size = _head_size(response)
+        async with asyncio.timeout(timeout_s):
+            status = await _read_status(pod, path)
     except TimeoutError:
         raise ProbeError("timeout", f"no response within {timeout_s:g} s") from None
-    except aiohttp.ClientConnectorError as exc:
-        raise ProbeError("connect", f"cannot connect: {exc.os_error}") from None
-    except (aiohttp.ClientError, OSError) as exc:
-        detail = str(exc) or type(exc).__name__
-        raise ProbeError("error", f"request failed: {detail}") from None
-    if head_size > MAX_RESPONSE_HEAD_BYTES:
-        raise ProbeError(
-            "error",
-            f"response head of about {head_size} bytes is larger than "
-            f"{MAX_RESPONSE_HEAD_BYTES} bytes",
-        )
     if status not in expected:
         raise ProbeError("status", f"status {status}, expected {expected}")
 
 
-def _head_size(response: aiohttp.ClientResponse) -> int:
-    """Return the size of a response head as sent, from its parsed lines.
+async def _read_status(pod: Pod, path: str) -> int:
+    """Send the probe request and return the status of the final response."""
+    address = pod.address
+    try:
+        reader, writer = await asyncio.open_connection(address.host, address.port)
+    except OSError as exc:
+        raise ProbeError("connect", f"cannot connect: {exc}") from None
+    try:
+        writer.write(
+            f"GET {path} HTTP/1.1\r\nHost: {address}\r\n"
+            f"User-Agent: {USER_AGENT}\r\nConnection: close\r\n\r\n".encode()
+        )
+        head = _ProbeHead()
+        while head.status is None:
+            data = await reader.read(_READ_SIZE)
+            if not data:
+                raise ProbeError(
+                    "error", "the pod closed the connection before the response head"
+                )
+            head.feed(data)
+        return head.status
+    except OSError as exc:
+        detail = str(exc) or type(exc).__name__
+        raise ProbeError("error", f"request failed: {detail}") from None
+    finally:
+        writer.transport.abort()
 
-    NOTE: the parser drops the spaces around each header value. They are
-    counted as one space, so a head with more of them is counted short by
-    those bytes.
+
+class _ProbeHead:
+    """The parser callbacks of a probe, which keep the final status only.
+
+    `received` holds the bytes of the response heads in progress, so that
+    their size is known before llhttp has a whole head.
     """
-    reason = response.reason or ""
-    size = len(f"HTTP/1.1 {response.status} {reason}\r\n")
-    for name, value in response.raw_headers:
-        size += len(name) + len(value) + 4
-    return size + 2
+
+    def __init__(self) -> None:
+        self.status: int | None = None
+        self.received = bytearray()
+        self._interim = 0
+        self._parser = httptools.HttpResponseParser(self)
+
+    def feed(self, data: bytes) -> None:
+        """Parse `data`, and raise `ProbeError` when the response fails a limit."""
+        self.received += data
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, ProbeError):
+                raise cause from None
+            raise ProbeError("error", f"invalid response: {exc}") from None
+        except httptools.HttpParserUpgrade:
+            # A 101 with Upgrade, which `on_headers_complete` has seen.
+            pass
+        except httptools.HttpParserError as exc:
+            raise ProbeError("error", f"invalid response: {exc}") from None
+        if self.status is None and len(self.received) > MAX_RESPONSE_HEAD_BYTES:
+            raise _head_too_large()
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        # llhttp skips CR and LF bytes before a status line.
+        received = bytes(self.received).lstrip(b"\r\n")
+        try:
+            status_line, _, head_end = split_head(received)
+        except InvalidResponseError as exc:
+            raise ProbeError("error", str(exc)) from None
+        if head_end > MAX_RESPONSE_HEAD_BYTES:
+            raise _head_too_large()
+        # The proxy's forwarding path rejects these two, which llhttp takes.
+        if status < 100:
+            raise ProbeError("error", f"status {status} below 100")
+        if 0 in status_line:
+            raise ProbeError("error", "NUL in the status line")
+        if 100 <= status < 200 and status != 101:
+            self._interim += 1
+            if self._interim > MAX_INTERIM_RESPONSES:
+                raise ProbeError(
+                    "error", f"more than {MAX_INTERIM_RESPONSES} interim responses"
+                )
+            self.received = bytearray(received[head_end:])
+            return
+        self.status = status
 
 
-def new_probe_session() -> aiohttp.ClientSession:
-    """Return a client session for probes, with a new connection per probe.
-
-    A fresh connection tests that the pod still accepts connections, and a
-    keep-alive connection that the pod closed cannot fail a probe.
-    """
-    session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0, force_close=True),
-        cookie_jar=aiohttp.DummyCookieJar(),
-        timeout=aiohttp.ClientTimeout(total=None),
-        # The proxy limits only the whole head, so a long line or many
-        # lines pass here as they pass there, and `probe` checks the size.
-        max_line_size=MAX_RESPONSE_HEAD_BYTES,
-        max_field_size=MAX_RESPONSE_HEAD_BYTES,
-        max_headers=MAX_PROBE_HEADERS,
+def _head_too_large() -> ProbeError:
+    return ProbeError(
+        "error", f"response head larger than {MAX_RESPONSE_HEAD_BYTES} bytes"
     )
-    # NOTE: aiohttp (3.14.5 here) sends a GET again, once, when the server
-    # closes the connection before the response, which would turn a reset
-    # into a pass. No public option turns this off; aiohttp's own test
-    # client sets the same private attribute.
-    session._retry_connection = False
-    return session
 
 
 class HealthMonitor:
@@ -148,8 +179,6 @@ class HealthMonitor:
 
     :param service: the service whose `HealthTable` the loop feeds.
     :param states: the pod sets in use, for registry discovery.
-    :param session: the session that probes use, or None when the service
-        has no ``health_check_path``.
     :param rng: draws the jitter; tests pass a seeded one.
     """
 
@@ -157,13 +186,10 @@ class HealthMonitor:
         self,
         service: Service,
         states: PodStates,
-        session: aiohttp.ClientSession | None,
         rng: random.Random | None = None,
     ) -> None:
         self._service = service
         self._states = states
-        self.session = session
-        """The probe session; a reload that turns probes on sets it."""
         self._rng = rng or random.Random()
         self._expected_entries = service.settings.expected_statuses
         self._expected = StatusRanges(self._expected_entries)
@@ -172,9 +198,7 @@ class HealthMonitor:
 
     @property
     def probing(self) -> bool:
-        return bool(self._service.settings.health_check_path) and (
-            self.session is not None
-        )
+        return bool(self._service.settings.health_check_path)
 
     def _expected_statuses(self) -> StatusRanges:
         """Return the service's expected statuses, parsed again after a reload."""
@@ -243,11 +267,9 @@ class HealthMonitor:
         await asyncio.gather(*(self._probe_one(pod) for pod in pods))
 
     async def _probe_one(self, pod: Pod) -> None:
-        assert self.session is not None
         settings = self._service.settings
         try:
             await probe(
-                self.session,
                 pod,
                 settings.health_check_path,
                 settings.health_timeout_s,

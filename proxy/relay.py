@@ -524,8 +524,10 @@ def _failure_reason(cause: BaseException) -> str:
     """
     if isinstance(cause, (InvalidResponseError, ConnectionClosedError)):
         reason = str(cause)
+        if len(reason) > _ID_SHOWN_LENGTH:
+            return reason[:_ID_SHOWN_LENGTH] + "..."
         if reason:
-            return _safe_id(reason) if len(reason) > _ID_SHOWN_LENGTH else reason
+            return reason
     return type(cause).__name__
 
 

@@ -366,9 +366,6 @@ class Reloader:
             if not service.settings.uses_registry:
                 server.health_counts[change.name].retain(pods)
                 server.metrics.forget_pods(change.name, {pod.index for pod in pods})
-            monitor = server.health_monitors.get(change.name)
-            if monitor is not None and service.settings.health_check_path:
-                monitor.session = server.probe_session()
 
         for name in plan.added:
             service = Service(config.services[name])

@@ -18,7 +18,6 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
 from aiohttp import web
 
 from proxy import build_kind, stale_compiled_modules
@@ -34,7 +33,7 @@ from proxy.listener import BatchAcceptSite
 from proxy.logs import ACCESS_LOGGER, AccessLogger
 from proxy.metrics import Metrics
 from proxy.podside import PodAgent
-from proxy.probe import HealthMonitor, new_probe_session
+from proxy.probe import HealthMonitor
 from proxy.rebalance import Rebalancer
 from proxy.reload import Reloader
 from proxy.routing import Router
@@ -120,7 +119,6 @@ class ProxyServer:
         }
         self.health_counts = {name: TransitionCounts() for name in self.services}
         self.health_monitors: dict[str, HealthMonitor] = {}
-        self._probe_session: aiohttp.ClientSession | None = None
         self._stopping = asyncio.Event()
         self._background: list[asyncio.Task[None]] = []
         # The loops of each service stop on its own event, set when a reload
@@ -303,14 +301,11 @@ class ProxyServer:
     def start_service_loops(self, name: str) -> None:
         """Start the health loop, failover handler and observers of one service."""
         service = self.services[name]
-        session = None
-        if service.settings.health_check_path:
-            session = self.probe_session()
         stopping = asyncio.Event()
         if self._stopping.is_set():
             stopping.set()
         self._service_stopping[name] = stopping
-        monitor = HealthMonitor(service, self.states, session)
+        monitor = HealthMonitor(service, self.states)
         self.health_monitors[name] = monitor
         counts = self.health_counts[name]
         log_queue = service.health.subscribe()
@@ -337,12 +332,6 @@ class ProxyServer:
         for task in tasks:
             if task in self._background:
                 self._background.remove(task)
-
-    def probe_session(self) -> aiohttp.ClientSession:
-        """Return the session of health probes, creating it on first use."""
-        if self._probe_session is None:
-            self._probe_session = new_probe_session()
-        return self._probe_session
 
     @property
     def forwarder(self) -> Forwarder | None:
@@ -423,8 +412,6 @@ class ProxyServer:
             service_stopping.set()
         await _finish_tasks(self._background, _BACKGROUND_STOP_S)
         await self.router.wait_background()
-        if self._probe_session is not None:
-            await self._probe_session.close()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
         if self._upstream is not None:

@@ -47,6 +47,25 @@ _CHUNKED_HEAD = _OK_HEAD + b"Transfer-Encoding: chunked\r\n\r\n"
 _FILLER = b"".join(b"X-Filler-%02d: %b\r\n" % (i, b"f" * 2000) for i in range(40))
 _FILLER_LINE = len(_FILLER) // 40
 
+
+def _head_of(size: int, separator: bytes = b": ") -> bytes:
+    """Return a 200 response head of exactly `size` bytes, with a 2-byte body.
+
+    Padding lines of 60 bytes, and a last one of 61 to 120, fill it. Each
+    uses `separator` between name and value.
+    """
+    start = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n"
+    left = size - len(start) - 2
+    lines = []
+    while left > 0:
+        line_size = 60 if left > 120 else left
+        name = b"X-Pad-%d" % len(lines)
+        value = b"p" * (line_size - len(name) - len(separator) - 2)
+        lines.append(name + separator + value + b"\r\n")
+        left -= line_size
+    return start + b"".join(lines) + b"\r\n"
+
+
 SCRIPTS: dict[str, list[Step]] = {
     "length": [_OK_HEAD + b"Content-Length: 5\r\n\r\nhello"],
     "bare": [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"],
@@ -59,6 +78,7 @@ SCRIPTS: dict[str, list[Step]] = {
     "connection-close": [
         _OK_HEAD + b"Content-Length: 5\r\nConnection: close\r\n\r\nhello"
     ],
+    "long-coding": [_OK_HEAD + b"Transfer-Encoding: " + b"x" * 300 + b"\r\n\r\n"],
     "status-099": [b"HTTP/1.1 099 Weird\r\nContent-Length: 2\r\n\r\nok"],
     "nul-reason": [b"HTTP/1.1 200 O\x00K\r\nContent-Length: 2\r\n\r\nok"],
     "trailer-close": [
@@ -166,6 +186,12 @@ SCRIPTS: dict[str, list[Step]] = {
         b"Content-Length: 2\r\n\r\nok",
     ],
     "huge-head-whole": [_OK_HEAD + _FILLER + b"Content-Length: 2\r\n\r\nok"],
+    # Heads of exactly the proxy's limit of 65,536 bytes and one byte more,
+    # with and without a space after each colon.
+    "head-65536": [_head_of(65_536) + b"ok"],
+    "head-65537": [_head_of(65_537) + b"ok"],
+    "head-65536-nospace": [_head_of(65_536, b":") + b"ok"],
+    "head-65537-nospace": [_head_of(65_537, b":") + b"ok"],
     # Within the limit: one header line of 20,000 bytes, and 2,000 lines.
     "long-header-line": [
         _OK_HEAD + b"X-Long: " + b"l" * 20_000 + b"\r\nContent-Length: 2\r\n\r\nok"

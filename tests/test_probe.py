@@ -6,7 +6,6 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 
-import aiohttp
 import pytest
 from aiohttp import web
 from conftest import LOOPBACK, free_port
@@ -16,7 +15,7 @@ from proxy.config import ServiceSettings
 from proxy.health import HealthState
 from proxy.pods import Address, Pod
 from proxy.podstate import PodState, Routing, now_ms
-from proxy.probe import HealthMonitor, ProbeError, new_probe_session, probe
+from proxy.probe import HealthMonitor, ProbeError, probe
 from proxy.services import Service
 from proxy.statetable import PodStates
 from proxy.statuses import StatusRanges
@@ -82,72 +81,58 @@ async def fake_pod() -> AsyncIterator[FakePod]:
         await pod.runner.cleanup()
 
 
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with new_probe_session() as probe_session:
-        yield probe_session
-
-
-async def probe_error(session: aiohttp.ClientSession, pod: Pod) -> ProbeError:
+async def probe_error(pod: Pod) -> ProbeError:
     with pytest.raises(ProbeError) as caught:
-        await probe(session, pod, "/healthz", TIMEOUT_S, EXPECTED)
+        await probe(pod, "/healthz", TIMEOUT_S, EXPECTED)
     return caught.value
 
 
 # One probe.
 
 
-async def test_expected_status_passes(
-    fake_pod: FakePod, session: aiohttp.ClientSession
-) -> None:
-    await probe(session, fake_pod.pod, "/healthz", TIMEOUT_S, EXPECTED)
+async def test_expected_status_passes(fake_pod: FakePod) -> None:
+    await probe(fake_pod.pod, "/healthz", TIMEOUT_S, EXPECTED)
 
     assert fake_pod.probes == 1
 
 
-async def test_unexpected_status_fails(
-    fake_pod: FakePod, session: aiohttp.ClientSession
-) -> None:
+async def test_unexpected_status_fails(fake_pod: FakePod) -> None:
     fake_pod.mode = "status"
 
-    error = await probe_error(session, fake_pod.pod)
+    error = await probe_error(fake_pod.pod)
 
     assert error.kind == "status"
     assert str(error) == "status 503, expected 200-399"
 
 
-async def test_refused_connection_fails(session: aiohttp.ClientSession) -> None:
+async def test_refused_connection_fails() -> None:
     pod = Pod(0, Address(LOOPBACK, free_port()))
 
-    error = await probe_error(session, pod)
+    error = await probe_error(pod)
 
     assert error.kind == "connect"
 
 
-async def test_slow_pod_times_out(
-    fake_pod: FakePod, session: aiohttp.ClientSession
-) -> None:
+async def test_slow_pod_times_out(fake_pod: FakePod) -> None:
     fake_pod.mode = "slow"
     started = time.monotonic()
 
-    error = await probe_error(session, fake_pod.pod)
+    error = await probe_error(fake_pod.pod)
 
     assert error.kind == "timeout"
     assert time.monotonic() - started < TIMEOUT_S * 2
 
 
-async def test_reset_connection_fails(
-    fake_pod: FakePod, session: aiohttp.ClientSession
-) -> None:
+async def test_reset_connection_fails(fake_pod: FakePod) -> None:
     fake_pod.mode = "reset"
 
-    error = await probe_error(session, fake_pod.pod)
+    error = await probe_error(fake_pod.pod)
 
     assert error.kind == "error"
     assert fake_pod.probes == 1
 
 
-async def test_probe_keeps_query_string(session: aiohttp.ClientSession) -> None:
+async def test_probe_keeps_query_string() -> None:
     seen: list[str] = []
 
     async def handle(request: web.Request) -> web.Response:
@@ -161,7 +146,7 @@ async def test_probe_keeps_query_string(session: aiohttp.ClientSession) -> None:
     await web.TCPSite(runner, LOOPBACK, 0).start()
     try:
         pod = Pod(0, Address(LOOPBACK, runner.addresses[0][1]))
-        await probe(session, pod, "/ready?deep=1", TIMEOUT_S, EXPECTED)
+        await probe(pod, "/ready?deep=1", TIMEOUT_S, EXPECTED)
     finally:
         await runner.cleanup()
 
@@ -178,31 +163,57 @@ async def scripted_pod() -> AsyncIterator[ScriptedPod]:
         await pod.stop()
 
 
-@pytest.mark.parametrize("script", ["huge-head", "huge-head-whole"])
-async def test_head_over_proxy_limit_fails(
-    scripted_pod: ScriptedPod, session: aiohttp.ClientSession, script: str
+@pytest.mark.parametrize(
+    ("script", "reason"),
+    [
+        ("huge-head", "response head larger than 65536 bytes"),
+        ("huge-head-whole", "response head larger than 65536 bytes"),
+        ("head-65537", "response head larger than 65536 bytes"),
+        ("head-65537-nospace", "response head larger than 65536 bytes"),
+        ("interim-101", "more than 100 interim responses"),
+        ("status-099", "status 99 below 100"),
+        ("nul-reason", "NUL in the status line"),
+        ("duplicate-length", "invalid response: Duplicate Content-Length"),
+        ("close", "the pod closed the connection before the response head"),
+    ],
+)
+async def test_response_proxy_rejects_fails(
+    scripted_pod: ScriptedPod, script: str, reason: str
 ) -> None:
-    # The proxy returns 502 to a request whose pod sends such a head.
+    # The proxy returns 502 to a request whose pod sends such a response.
     pod = Pod(0, Address(LOOPBACK, scripted_pod.port))
 
     with pytest.raises(ProbeError) as caught:
-        await probe(session, pod, f"/{script}", TIMEOUT_S * 10, EXPECTED)
+        await probe(pod, f"/{script}", TIMEOUT_S * 10, EXPECTED)
 
     assert caught.value.kind == "error"
-    assert "response head of about 80" in str(caught.value)
-    assert "larger than 65536 bytes" in str(caught.value)
+    assert str(caught.value) == reason
 
 
-@pytest.mark.parametrize("script", ["large-head", "long-header-line", "many-headers"])
-async def test_head_within_proxy_limit_passes(
-    scripted_pod: ScriptedPod, session: aiohttp.ClientSession, script: str
+@pytest.mark.parametrize(
+    "script",
+    [
+        "large-head",
+        "long-header-line",
+        "many-headers",
+        "head-65536",
+        "head-65536-nospace",
+        "interim-100",
+    ],
+)
+async def test_response_proxy_relays_passes(
+    scripted_pod: ScriptedPod, script: str
 ) -> None:
-    # The proxy relays these heads, so the probe must pass them too.
+    # The proxy relays these responses, so the probe must pass them too.
     pod = Pod(0, Address(LOOPBACK, scripted_pod.port))
 
-    await probe(session, pod, f"/{script}", TIMEOUT_S * 10, EXPECTED)
+    await probe(pod, f"/{script}", TIMEOUT_S * 10, EXPECTED)
 
-    assert [event.target for event in scripted_pod.events] == [f"/{script}"]
+    [event] = scripted_pod.events
+    assert event.method == "GET"
+    assert event.target == f"/{script}"
+    assert ("User-Agent", "stateful-route-health") in event.headers
+    assert ("Host", f"{LOOPBACK}:{scripted_pod.port}") in event.headers
 
 
 # The health loop.
@@ -231,11 +242,9 @@ async def wait_for_state(service: Service, pod: Pod, state: HealthState) -> floa
     return time.monotonic() - started
 
 
-async def test_monitor_flips_pod_both_ways(
-    fake_pod: FakePod, session: aiohttp.ClientSession
-) -> None:
+async def test_monitor_flips_pod_both_ways(fake_pod: FakePod) -> None:
     service = probed_service(fake_pod)
-    monitor = HealthMonitor(service, PodStates(MemoryStore(), {}), session)
+    monitor = HealthMonitor(service, PodStates(MemoryStore(), {}))
     stopping = asyncio.Event()
     task = asyncio.create_task(monitor.run(stopping))
     try:
@@ -253,12 +262,10 @@ async def test_monitor_flips_pod_both_ways(
     assert entry.last_probe_error == "status 503, expected 200-399"
 
 
-async def test_monitor_stops_during_slow_round(
-    fake_pod: FakePod, session: aiohttp.ClientSession
-) -> None:
+async def test_monitor_stops_during_slow_round(fake_pod: FakePod) -> None:
     fake_pod.mode = "slow"
     service = probed_service(fake_pod, health_timeout_s=30.0)
-    monitor = HealthMonitor(service, PodStates(MemoryStore(), {}), session)
+    monitor = HealthMonitor(service, PodStates(MemoryStore(), {}))
     stopping = asyncio.Event()
     task = asyncio.create_task(monitor.run(stopping))
     await asyncio.wait_for(fake_pod.probed.wait(), WAIT_S)
@@ -270,11 +277,9 @@ async def test_monitor_stops_during_slow_round(
     assert time.monotonic() - started < 1.0
 
 
-async def test_monitor_without_path_never_probes(
-    fake_pod: FakePod, session: aiohttp.ClientSession
-) -> None:
+async def test_monitor_without_path_never_probes(fake_pod: FakePod) -> None:
     service = probed_service(fake_pod, health_check_path="")
-    monitor = HealthMonitor(service, PodStates(MemoryStore(), {}), session)
+    monitor = HealthMonitor(service, PodStates(MemoryStore(), {}))
     stopping = asyncio.Event()
     task = asyncio.create_task(monitor.run(stopping))
     await asyncio.wait_for(monitor.ready.wait(), WAIT_S)
@@ -293,7 +298,7 @@ def test_template_pools_split_by_namespace() -> None:
         namespaces=("eu", "us"),
     )
     service = Service(settings)
-    monitor = HealthMonitor(service, PodStates(MemoryStore(), {}), None)
+    monitor = HealthMonitor(service, PodStates(MemoryStore(), {}))
 
     pools = monitor.pools()
 
@@ -310,7 +315,7 @@ async def test_registry_pools_follow_pod_sets() -> None:
     record = PodState(0, Routing.READY, now_ms(), "127.0.0.1:9100")
     await store.publish_pod_state("eu", "lobby", 3, record.encode())
     await states.load("eu", "lobby")
-    monitor = HealthMonitor(service, states, None)
+    monitor = HealthMonitor(service, states)
 
     pools = monitor.pools()
 

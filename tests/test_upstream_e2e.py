@@ -178,7 +178,9 @@ async def read_until_closed(reader: asyncio.StreamReader) -> bytes:
 async def open_client(
     proxy: ProxyProcess,
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    return await asyncio.open_connection(LOOPBACK, proxy.port)
+    # A line limit above the proxy's 64 KiB response heads, to which the
+    # proxy adds its own headers.
+    return await asyncio.open_connection(LOOPBACK, proxy.port, limit=1024 * 1024)
 
 
 async def close_client(writer: asyncio.StreamWriter) -> None:
@@ -633,6 +635,15 @@ async def test_pod_head_under_limit_relayed(proxy: ProxyProcess) -> None:
     assert response.headers["X-Filler-29"] == "f" * 2000
 
 
+@pytest.mark.parametrize("script", ["head-65536", "head-65536-nospace"])
+async def test_pod_head_at_limit_relayed(proxy: ProxyProcess, script: str) -> None:
+    response = await exchange(proxy, request_head(f"/{script}"))
+
+    assert response.status == 200
+    assert response.body == b"ok"
+    assert "X-Pad-0" in response.headers
+
+
 async def test_pod_head_with_long_line_relayed(proxy: ProxyProcess) -> None:
     response = await exchange(proxy, request_head("/long-header-line"))
 
@@ -661,7 +672,11 @@ async def test_pod_head_with_many_lines_relayed(proxy: ProxyProcess) -> None:
         # Response heads over the 64 KiB limit.
         ("huge-head", "response head larger than 65536 bytes"),
         ("huge-head-whole", "response head larger than 65536 bytes"),
+        ("head-65537", "response head larger than 65536 bytes"),
+        ("head-65537-nospace", "response head larger than 65536 bytes"),
         ("interim-101", "more than 100 interim responses"),
+        # A reason over 128 characters is cut.
+        ("long-coding", f"unsupported Transfer-Encoding '{'x' * 300}'"[:128] + "..."),
     ],
 )
 async def test_invalid_pod_head_gives_502_and_new_connection(

@@ -7,7 +7,9 @@ persistence off). It sends a request on each of ``--connections``
 new keep-alive connections (10,000 by default) and leaves them open and
 idle. Then it reports the proxy's resident memory (VmRSS of
 ``/proc/<pid>/status``) before, `SETTLE_S` after, and ``--late-s`` seconds
-after the last connection opened, and per connection. The late measurement
+after the last connection opened, and per connection. The memory after the
+burst is also split into the anonymous part and the mapped files, which
+the workers of one machine share. The late measurement
 comes after the proxy closed the store and pod connections that the burst
 left idle (``store.redis_idle_timeout_s`` and
 ``proxy.upstream_idle_timeout_s``, 30 s by default) and forgot the recent
@@ -62,12 +64,17 @@ def free_port() -> int:
         return port
 
 
-def rss_mb(pid: int) -> float:
-    """Return the resident memory of `pid` in MiB."""
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """Return a resident memory field of `pid`'s /proc status in MiB.
+
+    VmRSS is the sum of RssAnon (the process's own heap and stacks) and
+    RssFile (pages of mapped files: the interpreter, libraries and
+    extension modules, which every process mapping the file shares).
+    """
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+    raise RuntimeError(f"no {field} for pid {pid}")
 
 
 def raise_file_limit(connections: int) -> None:
@@ -165,9 +172,10 @@ async def open_idle(
 
 async def measure(
     proxy_pid: int, port: int, count: int, concurrency: int, late_s: float
-) -> tuple[float, float, float | None]:
+) -> tuple[float, float, tuple[float, float], float | None]:
     """Return the RSS before, `SETTLE_S` after and `late_s` after the burst.
 
+    The third item splits the RSS after the burst into RssAnon and RssFile.
     The last is None when `late_s` is 0.
     """
     # A few requests first, so the before value includes the warm paths.
@@ -179,13 +187,14 @@ async def measure(
     opened_at = time.monotonic()
     await asyncio.sleep(SETTLE_S)
     after = rss_mb(proxy_pid)
+    after_kinds = (rss_mb(proxy_pid, "RssAnon"), rss_mb(proxy_pid, "RssFile"))
     late = None
     if late_s > 0:
         await asyncio.sleep(max(0.0, opened_at + late_s - time.monotonic()))
         late = rss_mb(proxy_pid)
     for writer in writers:
         writer.close()
-    return before, after, late
+    return before, after, after_kinds, late
 
 
 def main() -> int:
@@ -264,7 +273,7 @@ def main() -> int:
             )
             started.append(proxy)
             wait_listening(port, proxy, "proxy")
-            before, after, late = asyncio.run(
+            before, after, (anonymous, mapped), late = asyncio.run(
                 measure(proxy.pid, port, count, concurrency, late_s)
             )
         finally:
@@ -280,6 +289,7 @@ def main() -> int:
     )
     print(f"proxy RSS before: {before:.1f} MiB")
     print(f"proxy RSS after:  {after:.1f} MiB ({SETTLE_S:g} s after the burst)")
+    print(f"  of which:       {anonymous:.1f} MiB anonymous, {mapped:.1f} MiB files")
     print(f"per connection:   {per_connection_kb:.1f} KiB")
     if late is not None:
         late_kb = (late - before) * 1024 / count

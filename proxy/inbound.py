@@ -227,7 +227,9 @@ def check_request(request: web.BaseRequest, limits: Limits) -> None:
             f"Transfer-Encoding {shown(', '.join(codings))} is not supported, "
             "only a single chunked",
         )
-    length = request.content_length
+    # `request.content_length` of aiohttp 3.14.5, without its property call.
+    length_value = headers.get("Content-Length")
+    length = None if length_value is None else int(length_value)
     if limits.max_body_bytes and length is not None and length > limits.max_body_bytes:
         raise RequestRejected(
             413,
@@ -285,8 +287,10 @@ def raw_head_problem(head: bytes, end: int | None = None) -> str | None:
     if end is None:
         end = len(head)
     # The search of the lowercased head is cheaper than the regular
-    # expression, and most heads have no Transfer-Encoding.
-    if b"transfer-encoding" not in head[:end].lower():
+    # expression, and most heads have no Transfer-Encoding. bytes.find,
+    # because `in` with a bytes operand first tries it as an integer and
+    # formats a TypeError (CPython 3.11).
+    if head[:end].lower().find(b"transfer-encoding") < 0:
         return None
     for match in _TRANSFER_ENCODING_LINE.finditer(head, 0, end):
         if _CHUNKED_VALUE.fullmatch(match.group(1)) is None:

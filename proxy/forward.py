@@ -408,8 +408,8 @@ class Forwarder:
             raise
         # NOTE: a body that breaks off after the status line was sent counts
         # with the pod's status, because the relay returns that response.
-        stats.finish(stat, time.monotonic() - started, relayed.status)
         status = relayed.status
+        stats.finish(stat, time.monotonic() - started, status)
         if status < 500:
             service.health.record(pod, True, "")
         else:

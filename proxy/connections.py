@@ -35,7 +35,9 @@ step. It uses that class's internals ``_messages``, ``_task_handler``,
 ``_next_keepalive_close_time``, ``_handle_request``, ``_make_error_handler``,
 ``_parser`` and ``_cache``, and the module's ``ERROR`` and
 ``_PAYLOAD_ACCESS_ERROR``. The parser is made with the arguments of
-`RequestHandler.__init__`.
+`RequestHandler.__init__`. `fill_request_cache` writes ``_cache`` of
+`BaseRequest` and reads its ``_transport_sslcontext`` and
+``_transport_peername``.
 """
 
 from __future__ import annotations
@@ -51,7 +53,9 @@ from aiohttp import StreamReader, web, web_protocol
 from aiohttp.base_protocol import BaseProtocol
 from aiohttp.helpers import ceil_timeout
 from aiohttp.http import HttpRequestParser, StreamWriter
+from aiohttp.streams import EmptyStreamReader
 from aiohttp.tcp_helpers import tcp_keepalive
+from aiohttp.web_request import BaseRequest
 from mypy_extensions import mypyc_attr
 
 from proxy.client_head import SentResponse
@@ -325,6 +329,8 @@ class OnDemandRequestHandler(aiohttp.web_protocol.RequestHandler):
             assert self._request_handler is not None
             request_handler = self._request_handler
         request = factory(message, payload, self, writer, self._task_handler)
+        if request_handler is self._request_handler and type(request) is BaseRequest:
+            fill_request_cache(request, message, payload)
         try:
             try:
                 response, reset = await self._handle_request(
@@ -420,3 +426,39 @@ class OnDemandRequestHandler(aiohttp.web_protocol.RequestHandler):
         if not payload.is_eof() and not self._force_close:
             self.log_debug("request body not read to the end, closing")
             self.close()
+
+
+def fill_request_cache(
+    request: BaseRequest, message: Any, payload: StreamReader
+) -> None:
+    """Store the values of the most read properties of a new request in its cache.
+
+    aiohttp 3.14.5's `BaseRequest` computes each of these properties with a
+    Python call on its first read and keeps the value in ``_cache``
+    (propcache's ``reify``). These are the values that the properties
+    compute. A cache that the request filled itself, for an absolute-form
+    target, is left alone. An empty one is replaced by a dict built whole,
+    which costs less than setting its keys one by one.
+    """
+    if request._cache:
+        return
+    peer = request._transport_peername
+    remote: str | None
+    if peer is None:
+        remote = None
+    elif isinstance(peer, (list, tuple)):
+        remote = str(peer[0])
+    else:
+        remote = str(peer)
+    request._cache = {
+        "headers": message.headers,
+        "raw_headers": message.raw_headers,
+        "method": message.method,
+        "version": message.version,
+        "raw_path": message.path,
+        "keep_alive": not message.should_close,
+        "content": payload,
+        "body_exists": type(payload) is not EmptyStreamReader,
+        "scheme": "https" if request._transport_sslcontext else "http",
+        "remote": remote,
+    }

@@ -27,6 +27,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from aiohttp.http import HttpProcessingError
+from multidict import CIMultiDictProxy
 
 from proxy.config import Config
 from proxy.errors import (
@@ -407,8 +408,8 @@ class Forwarder:
             raise
         # NOTE: a body that breaks off after the status line was sent counts
         # with the pod's status, because the relay returns that response.
-        stats.finish(stat, time.monotonic() - started, relayed.status)
         status = relayed.status
+        stats.finish(stat, time.monotonic() - started, status)
         if status < 500:
             service.health.record(pod, True, "")
         else:
@@ -440,8 +441,9 @@ class Forwarder:
         self, request: web.BaseRequest, ids: dict[str, Any]
     ) -> tuple[str, Service, str | None]:
         proxy = self._proxy
+        headers = request.headers
         # `check_request` already rejected targets that are not a path.
-        namespace = _single_header(request, proxy.namespace_header)
+        namespace = _single_header(headers, proxy.namespace_header)
         if namespace is None:
             namespace = proxy.default_namespace
         else:
@@ -456,7 +458,7 @@ class Forwarder:
                 )
         ids["namespace"] = namespace
 
-        service_name = _single_header(request, proxy.service_header)
+        service_name = _single_header(headers, proxy.service_header)
         if service_name is None:
             service_name = proxy.default_service
             if not service_name:
@@ -486,7 +488,7 @@ class Forwarder:
                 value=namespace,
             )
 
-        uid = _single_header(request, proxy.uid_header)
+        uid = _single_header(headers, proxy.uid_header)
         if uid is None:
             if service.settings.allow_without_uid:
                 return namespace, service, None
@@ -542,9 +544,9 @@ def _body_rejected(
     return closing_error(exc.status, exc.code, exc.message)
 
 
-def _single_header(request: web.BaseRequest, name: str) -> str | None:
+def _single_header(headers: CIMultiDictProxy[str], name: str) -> str | None:
     """Return the value of a header that must appear at most once."""
-    values = request.headers.getall(name, ())
+    values = headers.getall(name, ())
     if not values:
         return None
     if len(values) > 1:

@@ -36,8 +36,10 @@ if TYPE_CHECKING:
 PREFIX = "stateful_route_"
 
 # Bucket bounds in seconds. Requests include the pod's own time, and store
-# calls are single Redis round trips on a nearby server.
-REQUEST_BUCKETS_S = (
+# calls are single Redis round trips on a nearby server. Typed as tuples of
+# any length, because mypyc keeps a fixed-length tuple of floats unboxed and
+# builds a new tuple object for every `bisect_left` call.
+REQUEST_BUCKETS_S: tuple[float, ...] = (
     0.001,
     0.0025,
     0.005,
@@ -53,7 +55,7 @@ REQUEST_BUCKETS_S = (
     10.0,
     30.0,
 )
-STORE_BUCKETS_S = (
+STORE_BUCKETS_S: tuple[float, ...] = (
     0.0001,
     0.00025,
     0.0005,

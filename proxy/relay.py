@@ -318,7 +318,8 @@ class Relay:
             if sent is not None:
                 # The body was taken whole, so the pod connection is free.
                 upstream.release()
-                if request.protocol.writing_paused:
+                # `request.protocol`, read without its property call.
+                if request._protocol.writing_paused:
                     await _client_write(request.writer.drain(), ids)
                 return sent
         try:
@@ -404,7 +405,10 @@ class Relay:
             keep_alive,
             (routed, str(pod.index)) if routed else None,
         )
-        transport = request.transport
+        # `request.transport` and `request.writer` of aiohttp 3.14.5, read
+        # without their property calls.
+        protocol = request._protocol
+        transport = None if protocol is None else protocol.transport
         if transport is None or transport.is_closing():
             logger.debug("client went away before the response %s", format_ids(ids))
             return response
@@ -413,7 +417,7 @@ class Relay:
         # aiohttp's writer counts what went out, so that an error after this
         # point breaks the connection off instead of appending an error
         # response (`InboundRequestHandler.handle_error`).
-        request.writer.output_size += len(sent)
+        request._payload_writer.output_size += len(sent)
         return response
 
 

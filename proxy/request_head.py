@@ -13,7 +13,6 @@ header names and values, so the client's lines are not checked again.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterable, Mapping
 
 from aiohttp import web
@@ -27,6 +26,9 @@ from proxy.upstream import InvalidRequestError, lines_intact
 _NOTHING: frozenset[str] = frozenset()
 # Client headers that the pod gets as `forwarded_headers` sets them.
 _FORWARDED = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"})
+# The results of `_dropped_names` by its argument, at most `_MAX_DROPPED_NAMES`.
+_DROPPED_NAMES: dict[tuple[str, ...], tuple[frozenset[str], frozenset[bytes]]] = {}
+_MAX_DROPPED_NAMES = 32
 
 
 def pod_request_headers(
@@ -47,7 +49,11 @@ def pod_request_headers(
     Connection, with their first value. Raises `InvalidRequestError` for an
     extra header that contains CR, LF or NUL.
     """
-    dropped, screened = _dropped_names(tuple(removed_headers))
+    removed = tuple(removed_headers)
+    names_pair = _DROPPED_NAMES.get(removed)
+    if names_pair is None:
+        names_pair = _dropped_names(removed)
+    dropped, screened = names_pair
     raw = request.raw_headers
     names = {name.lower() for name, _ in raw}
     if b"host" in names and names.isdisjoint(screened):
@@ -130,7 +136,6 @@ def _extra_lines(extra_headers: Mapping[str, str]) -> str:
     return lines
 
 
-@functools.lru_cache(maxsize=32)
 def _dropped_names(
     removed_headers: tuple[str, ...],
 ) -> tuple[frozenset[str], frozenset[bytes]]:
@@ -139,12 +144,17 @@ def _dropped_names(
     They are the hop-by-hop ones, Expect (the relay sets it itself when it
     forwards 100-continue) and `removed_headers`. The bytes set also has
     the X-Forwarded-* names, whose presence takes the slower path. The
-    callers pass a few fixed tuples, each computed once.
+    callers pass a few fixed tuples, so each result is kept in
+    `_DROPPED_NAMES`, which a plain dict lookup reads faster than
+    `functools.lru_cache` would.
     """
     dropped = HOP_BY_HOP | {"expect"} | {name.lower() for name in removed_headers}
     screened = frozenset(
         name.encode("utf-8", "surrogateescape") for name in dropped | _FORWARDED
     )
+    if len(_DROPPED_NAMES) >= _MAX_DROPPED_NAMES:
+        _DROPPED_NAMES.clear()
+    _DROPPED_NAMES[removed_headers] = dropped, screened
     return dropped, screened
 
 

@@ -78,6 +78,9 @@ _MAX_ROUNDS = 3
 _MAX_DEGRADED_PLACEMENTS = 100_000
 # Maximum cached health views, one per (namespace, service).
 _MAX_VIEWS = 4096
+# Maximum shared routes of cache hits, one per pod. Beyond it they are all
+# dropped and built again.
+_MAX_CACHE_ROUTES = 4096
 
 _Key = tuple[str, str, str]
 MoveObserver = Callable[[str, str, str, int, str, int], None]
@@ -166,6 +169,7 @@ class Router:
         # (namespace, service, uid) -> (pod index, expiry in clock seconds).
         self._degraded: dict[_Key, tuple[int, float]] = {}
         self._views: dict[tuple[str, str], HealthView] = {}
+        self._cache_routes: dict[Pod, Route] = {}
 
     async def route(
         self, namespace: str, service: Service, pod_set: PodSet, uid: str
@@ -198,9 +202,23 @@ class Router:
         if cached is not None:
             status = pod_set.get(cached)
             if status is not None and self._keeps(service, view, status):
-                return Route(status.pod, Origin.CACHE)
+                return self._cache_route(status.pod)
             self.cache.drop(key)
         return None
+
+    def _cache_route(self, pod: Pod) -> Route:
+        """Return the `Origin.CACHE` route of `pod`, built once per pod.
+
+        A `Route` is immutable, so requests share it. Building one calls the
+        dataclass's generated ``__init__``, which mypyc 2.4.1 leaves as
+        interpreted Python.
+        """
+        route = self._cache_routes.get(pod)
+        if route is None:
+            if len(self._cache_routes) >= _MAX_CACHE_ROUTES:
+                self._cache_routes.clear()
+            route = self._cache_routes[pod] = Route(pod, Origin.CACHE)
+        return route
 
     async def route_from_store(
         self, namespace: str, service: Service, pod_set: PodSet, uid: str

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 from aiohttp import StreamReader
@@ -37,7 +37,9 @@ _BODYLESS_STATUSES = frozenset({204, 304})
 _NO_TOKENS: frozenset[str] = frozenset()
 _CONTENT_LENGTH = "\r\ncontent-length:"
 _LINE_BREAK_BYTES = (ord("\r"), ord("\n"))
-_SPACE = ord(" ")
+_SPACE: Final = 0x20
+# Largest read whose response head `split_head` searches in a decoded copy.
+_DECODED_SEARCH_BYTES: Final = 1024
 # Largest response head, final or interim, taken from a pod; a larger one
 # is a 502. .NET's HttpClient also takes at most 64 KiB by default
 # (HttpClientHandler.MaxResponseHeadersLength).
@@ -855,11 +857,19 @@ def split_head(received: bytes) -> tuple[bytes, bytes, int]:
     status line and every header line with CRLF and rejects CR or LF
     anywhere else, so the first empty line ends the head.
     """
-    end = received.find(b"\r\n\r\n")
+    if len(received) <= _DECODED_SEARCH_BYTES:
+        # mypyc calls str.find directly, where bytes.find costs about 1,000
+        # instructions more, which is more than decoding a short read.
+        # Latin-1 keeps the offsets of the bytes.
+        text = received.decode("latin-1")
+        end = text.find("\r\n\r\n")
+        line_end = text.find("\r\n")
+    else:
+        end = received.find(b"\r\n\r\n")
+        line_end = received.find(b"\r\n")
     if end < 0:
         # llhttp accepted a head that this function does not see as one.
         raise InvalidResponseError("response head not found in the received bytes")
-    line_end = received.find(b"\r\n")
     # llhttp 9 accepts the versions HTTP/d.d and RTSP/d.d, 8 bytes, and
     # ICE/d.d, 7 bytes.
     version_end = 7 if received[7] == _SPACE else 8

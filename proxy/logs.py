@@ -81,7 +81,26 @@ class JsonFormatter(logging.Formatter):
         }
         if record.exc_info:
             fields["error"] = self.formatException(record.exc_info)
-        return orjson.dumps(fields).decode()
+        try:
+            return orjson.dumps(fields).decode()
+        except TypeError:
+            # A client value with bytes that are not UTF-8.
+            safe = {name: json_text(value) for name, value in fields.items()}
+            return orjson.dumps(safe).decode()
+
+
+def json_text(text: str) -> str:
+    """Return `text` as JSON can carry it, with U+FFFD for bytes that are not UTF-8.
+
+    aiohttp decodes header values with the ``surrogateescape`` error
+    handler, which keeps such bytes as lone surrogates that orjson rejects.
+    """
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        # A surrogate that no decoding with surrogateescape gives.
+        raw = text.encode("utf-8", "replace")
+    return raw.decode("utf-8", "replace")
 
 
 class RepeatFilter(logging.Filter):

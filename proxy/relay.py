@@ -39,6 +39,7 @@ from proxy.inbound import (
     closing_error,
     request_target,
 )
+from proxy.logs import json_text
 from proxy.pods import Pod
 from proxy.request_head import pod_request_headers
 from proxy.retry import RETRYABLE_METHODS, RequestBody, Stage
@@ -139,7 +140,18 @@ def error_response(
     status: int, code: str, message: str, **details: str | int
 ) -> web.Response:
     """Return a response with a short JSON body describing a failure."""
-    body = orjson.dumps({"error": code, "message": message, **details})
+    fields: dict[str, str | int] = {"error": code, "message": message, **details}
+    try:
+        body = orjson.dumps(fields)
+    except TypeError:
+        # A client value with bytes that are not UTF-8, which aiohttp keeps
+        # as surrogates.
+        body = orjson.dumps(
+            {
+                name: json_text(value) if isinstance(value, str) else value
+                for name, value in fields.items()
+            }
+        )
     return web.Response(status=status, body=body, content_type="application/json")
 
 

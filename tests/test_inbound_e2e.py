@@ -442,6 +442,39 @@ async def test_rejections_logged_without_traceback(proxy: Proxy) -> None:
     assert "ERROR" not in log
 
 
+@pytest.mark.parametrize(
+    ("routing", "status", "code", "header", "shown"),
+    [
+        (b"X-Service: g\xe9me\r\n", 404, "unknown_service", "X-Service", "g\ufffdme"),
+        (
+            b"X-Service: game\r\nX-Namespace: \xff\r\n",
+            400,
+            "invalid_namespace",
+            "X-Namespace",
+            "\ufffd",
+        ),
+    ],
+)
+async def test_routing_header_not_utf8_rejected(
+    proxy: Proxy, routing: bytes, status: int, code: str, header: str, shown: str
+) -> None:
+    # aiohttp keeps such bytes as surrogates, which JSON cannot carry.
+    request = (
+        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\nX-Uid: not-utf8\r\n"
+        + routing
+        + b"\r\n"
+    )
+
+    reply = await exchange(proxy.port, request)
+
+    body = json.loads(reply.body)
+    assert reply.status == status
+    assert body["error"] == code
+    assert body["header"] == header
+    assert body["value"] == shown
+    assert "unexpected error" not in proxy.log()
+
+
 # HTTP versions.
 
 

@@ -36,6 +36,15 @@ def test_json_line_has_documented_keys() -> None:
     assert record["ts"].endswith("Z")
 
 
+def test_json_line_carries_bytes_not_utf8() -> None:
+    # aiohttp keeps a header's bytes that are not UTF-8 as surrogates.
+    value = b"g\xe9me".decode("utf-8", "surrogateescape")
+
+    line = JsonFormatter().format(make_record("unknown service %s", value))
+
+    assert orjson.loads(line)["msg"] == "unknown service g\ufffdme"
+
+
 def test_repeat_filter_counts_repeated_warnings() -> None:
     repeat_filter = RepeatFilter(repeats=2, window_s=10)
     passed = []

@@ -171,6 +171,21 @@ async def test_dropped_websocket_counted_as_1xx(
     assert counted == [f"{TUNNELS_COUNTED} 1.0"]
 
 
+def upgrade_head(path: str, version: str, connection: str) -> bytes:
+    """Return the head of a WebSocket upgrade request routed to the pod."""
+    return (
+        f"GET {path} {version}\r\n"
+        f"Host: {LOOPBACK}\r\n"
+        "X-Uid: talker\r\n"
+        "X-Service: chat\r\n"
+        f"Connection: {connection}\r\n"
+        "Upgrade: websocket\r\n"
+        "Sec-WebSocket-Version: 13\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        "\r\n"
+    ).encode("latin-1")
+
+
 @pytest.mark.parametrize(
     ("path", "status", "body"),
     [("/ws-denied", 401, b"no ticket"), ("/ws-missing", 404, b"404: Not Found")],
@@ -178,20 +193,9 @@ async def test_dropped_websocket_counted_as_1xx(
 async def test_refused_upgrade_stays_http(
     proxy: ProxyProcess, path: str, status: int, body: bytes
 ) -> None:
-    head = (
-        f"GET {path} HTTP/1.1\r\n"
-        f"Host: {LOOPBACK}\r\n"
-        "X-Uid: talker\r\n"
-        "X-Service: chat\r\n"
-        "Connection: Upgrade\r\n"
-        "Upgrade: websocket\r\n"
-        "Sec-WebSocket-Version: 13\r\n"
-        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-        "\r\n"
-    )
     reader, writer = await asyncio.open_connection(LOOPBACK, proxy.port)
     try:
-        writer.write(head.encode("latin-1"))
+        writer.write(upgrade_head(path, "HTTP/1.1", "Upgrade"))
         await writer.drain()
         refused = await read_framed(reader)
         writer.write(
@@ -213,20 +217,9 @@ async def test_refused_upgrade_stays_http(
 async def test_http10_upgrade_ignored(proxy: ProxyProcess) -> None:
     # RFC 9110 section 7.8: a server ignores Upgrade in an HTTP/1.0 request,
     # so the pod gets a plain GET, and the connection serves the next one.
-    head = (
-        "GET /ws HTTP/1.0\r\n"
-        f"Host: {LOOPBACK}\r\n"
-        "X-Uid: talker\r\n"
-        "X-Service: chat\r\n"
-        "Connection: Upgrade, keep-alive\r\n"
-        "Upgrade: websocket\r\n"
-        "Sec-WebSocket-Version: 13\r\n"
-        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-        "\r\n"
-    )
     reader, writer = await asyncio.open_connection(LOOPBACK, proxy.port)
     try:
-        writer.write(head.encode("latin-1"))
+        writer.write(upgrade_head("/ws", "HTTP/1.0", "Upgrade, keep-alive"))
         await writer.drain()
         ignored = await read_framed(reader)
         writer.write(

@@ -74,6 +74,16 @@ def _warn(message: str) -> None:
     print(f"stateful-route build: {message}", file=sys.stderr)
 
 
+def _not_compiled(failure: str, exc: BaseException) -> None:
+    """Report that the modules stay pure Python, or fail the build with ``1``."""
+    if _mode() == "1":
+        raise SystemExit(
+            f"stateful-route build: {failure} with {MODE_VARIABLE}=1: {exc}. "
+            f"Fix the cause, or set {MODE_VARIABLE}=auto to install pure Python"
+        ) from exc
+    _warn(f"{failure}, so the modules stay pure Python: {exc}")
+
+
 class OptionalBuildExt(build_ext):
     """Build the mypyc extensions, or none of them when that fails or is off."""
 
@@ -87,12 +97,7 @@ class OptionalBuildExt(build_ext):
         try:
             super().run()
         except Exception as exc:
-            if _mode() == "1":
-                raise SystemExit(
-                    f"stateful-route build: mypyc build failed with "
-                    f"{MODE_VARIABLE}=1: {exc}"
-                ) from exc
-            _warn(f"mypyc build failed, so the modules stay pure Python: {exc}")
+            _not_compiled("mypyc build failed", exc)
 
 
 def _builds_code() -> bool:
@@ -114,23 +119,13 @@ def _extensions() -> list[Any]:
     try:
         from mypyc.build import mypycify
     except ImportError as exc:
-        if _mode() == "1":
-            raise SystemExit(
-                f"stateful-route build: {MODE_VARIABLE}=1, but mypyc is not "
-                f"installed: {exc}"
-            ) from exc
-        _warn(f"mypyc is not installed, so the modules stay pure Python: {exc}")
+        _not_compiled("mypyc is not installed", exc)
         return []
     try:
         extensions = list(mypycify(COMPILED_MODULES, group_name="stateful_route"))
     except (Exception, SystemExit) as exc:
         # mypycify type-checks first and exits on a mypy error.
-        if _mode() == "1":
-            raise SystemExit(
-                f"stateful-route build: mypyc rejected the modules with "
-                f"{MODE_VARIABLE}=1: {exc}"
-            ) from exc
-        _warn(f"mypyc rejected the modules, so they stay pure Python: {exc}")
+        _not_compiled("mypyc rejected the modules", exc)
         return []
     for extension in extensions:
         extension.extra_compile_args = [

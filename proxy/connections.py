@@ -431,7 +431,7 @@ class OnDemandRequestHandler(aiohttp.web_protocol.RequestHandler):
 def fill_request_cache(
     request: BaseRequest, message: Any, payload: StreamReader
 ) -> None:
-    """Store the values of the most read properties of a new request in its cache.
+    """Store the values of a new request's most often read properties in its cache.
 
     aiohttp 3.14.5's `BaseRequest` computes each of these properties with a
     Python call on its first read and keeps the value in ``_cache``

@@ -44,7 +44,7 @@ JITTER = (0.9, 1.1)
 # sets and ejections end within this time even without probes.
 TICK_S = 1.0
 USER_AGENT = "stateful-route-health"
-# Bytes asked of the socket per read of a probe response.
+# Maximum bytes read from the socket at a time for a probe response.
 _READ_SIZE = 16 * 1024
 
 
@@ -157,7 +157,7 @@ class _ProbeHead:
             raise ProbeError("error", f"status {status} below 100")
         if 0 in status_line:
             raise ProbeError("error", "NUL in the status line")
-        if 100 <= status < 200 and status != 101:
+        if status < 200 and status != 101:
             self._interim += 1
             if self._interim > MAX_INTERIM_RESPONSES:
                 raise ProbeError(

@@ -60,6 +60,8 @@ logger = logging.getLogger("stateful_route.relay")
 
 # Maximum length of a client-supplied id in a log line.
 _ID_SHOWN_LENGTH = 128
+# Maximum length of the reason for a pod's failure in a 502 message.
+_REASON_SHOWN_LENGTH = 128
 
 _CONTINUE_LINE = b"HTTP/1.1 100 Continue\r\n\r\n"
 # Request key that marks a client that got its 100 Continue.
@@ -540,8 +542,8 @@ def _failure_reason(cause: BaseException) -> str:
     """
     if isinstance(cause, (InvalidResponseError, ConnectionClosedError)):
         reason = str(cause)
-        if len(reason) > _ID_SHOWN_LENGTH:
-            return reason[:_ID_SHOWN_LENGTH] + "..."
+        if len(reason) > _REASON_SHOWN_LENGTH:
+            return reason[:_REASON_SHOWN_LENGTH] + "..."
         if reason:
             return reason
     return type(cause).__name__

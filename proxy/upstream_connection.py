@@ -38,7 +38,7 @@ _NO_TOKENS: frozenset[str] = frozenset()
 _CONTENT_LENGTH = "\r\ncontent-length:"
 _LINE_BREAK_BYTES = (ord("\r"), ord("\n"))
 _SPACE: Final = 0x20
-# Largest read whose response head `split_head` searches in a decoded copy.
+# Maximum size of the bytes that `split_head` searches in a decoded copy.
 _DECODED_SEARCH_BYTES: Final = 1024
 # Largest response head, final or interim, taken from a pod; a larger one
 # is a 502. .NET's HttpClient also takes at most 64 KiB by default

@@ -177,7 +177,7 @@ async def scripted_pod() -> AsyncIterator[ScriptedPod]:
         ("close", "the pod closed the connection before the response head"),
     ],
 )
-async def test_response_proxy_rejects_fails(
+async def test_rejected_response_fails_probe(
     scripted_pod: ScriptedPod, script: str, reason: str
 ) -> None:
     # The proxy returns 502 to a request whose pod sends such a response.
@@ -201,7 +201,7 @@ async def test_response_proxy_rejects_fails(
         "interim-100",
     ],
 )
-async def test_response_proxy_relays_passes(
+async def test_relayed_response_passes_probe(
     scripted_pod: ScriptedPod, script: str
 ) -> None:
     # The proxy relays these responses, so the probe must pass them too.

@@ -18,7 +18,7 @@ import asyncio
 import errno
 import logging
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 from aiohttp import web
@@ -50,18 +50,19 @@ class _Listener(asyncio.AbstractServer):
     """The bound sockets of a site, read by a loop reader each.
 
     :param sockets: listening, non-blocking sockets.
-    :param protocol_factory: returns the protocol of each accepted connection.
+    :param server: aiohttp's low-level server, which makes the protocol of
+        each accepted connection and keeps the open ones.
     """
 
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
         sockets: list[socket.socket],
-        protocol_factory: Callable[[], asyncio.Protocol],
+        server: web.Server,
     ) -> None:
         self._loop = loop
         self._sockets = sockets
-        self._protocol_factory = protocol_factory
+        self._server = server
         self._serving = False
         self._paused: list[asyncio.TimerHandle] = []
         # Hand-overs to the loop in progress, kept so they are not collected.
@@ -104,6 +105,28 @@ class _Listener(asyncio.AbstractServer):
         if self._connecting:
             await asyncio.gather(*self._connecting, return_exceptions=True)
 
+    # Python 3.13 added close_clients and abort_clients to asyncio's
+    # AbstractServer, and typeshed declares them abstract there. NOTE: they
+    # act on every connection of the aiohttp server, so with several sites
+    # on one runner they also close those of the other sites. The proxy
+    # runs one site per runner.
+    def close_clients(self) -> None:
+        """Close the accepted connections that are still open."""
+        for transport in self._client_transports():
+            transport.close()
+
+    def abort_clients(self) -> None:
+        """Abort the accepted connections that are still open, dropping unsent data."""
+        for transport in self._client_transports():
+            transport.abort()
+
+    def _client_transports(self) -> list[asyncio.Transport]:
+        return [
+            handler.transport
+            for handler in self._server.connections
+            if handler.transport is not None
+        ]
+
     def _accept(self, listening: socket.socket) -> None:
         for _ in range(ACCEPT_BATCH):
             try:
@@ -125,7 +148,7 @@ class _Listener(asyncio.AbstractServer):
 
     async def _connect(self, sock: socket.socket) -> None:
         try:
-            await self._loop.connect_accepted_socket(self._protocol_factory, sock)
+            await self._loop.connect_accepted_socket(self._server, sock)
         except OSError as exc:
             # The client left before the hand-over, for example with a reset.
             logger.debug("accepted connection closed before its start: %r", exc)

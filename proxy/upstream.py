@@ -281,7 +281,9 @@ class UpstreamPool:
         """Take a connection back after a response, to reuse or close it."""
         pool = connection.pool
         if reusable and not self._closed and connection.usable:
-            connection.idle_since = asyncio.get_running_loop().time()
+            # The connection's loop, because asyncio.get_running_loop() of
+            # CPython 3.11 makes a getpid system call on every call.
+            connection.idle_since = connection.loop_time()
             pool.idle.append(connection)
         else:
             connection.close()

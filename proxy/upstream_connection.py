@@ -264,6 +264,10 @@ class Connection(asyncio.Protocol):
         self._head_parts: list[bytes] = []
         self._reset_exchange()
 
+    def loop_time(self) -> float:
+        """Return the time of the loop that runs this connection."""
+        return self._loop.time()
+
     def _reset_exchange(self) -> None:
         self._head_only = False
         self._upgrade = False

@@ -126,3 +126,42 @@ async def test_accepted_socket_gets_nodelay_and_keepalive() -> None:
     nodelay, keepalive = options[0]
     assert nodelay != 0
     assert keepalive != 0
+
+
+async def open_idle_connection(
+    port: int,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Return a keep-alive connection that received one response and is idle."""
+    reader, writer = await asyncio.open_connection(LOOPBACK, port)
+    writer.write(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+    await reader.readuntil(b"\r\n\r\n")
+    assert await reader.readexactly(5) == b"hello"
+    return reader, writer
+
+
+async def read_until_closed(reader: asyncio.StreamReader) -> bytes:
+    """Return what the server sent before closing, b"" after a reset too."""
+    try:
+        async with asyncio.timeout(10.0):
+            return await reader.read()
+    except ConnectionResetError:
+        return b""
+
+
+@pytest.mark.parametrize("method", ["close_clients", "abort_clients"])
+async def test_listener_closes_clients(runner: web.ServerRunner, method: str) -> None:
+    site = BatchAcceptSite(runner, LOOPBACK, 0, backlog=128)
+    await site.start()
+    port = bound_port(runner)
+    connections = [await open_idle_connection(port) for _ in range(3)]
+    server = runner.server
+    assert server is not None
+    assert len(server.connections) == 3
+
+    getattr(site._server, method)()
+
+    for reader, writer in connections:
+        assert await read_until_closed(reader) == b""
+        writer.close()
+    # The listening socket still accepts new connections.
+    assert await get(port) == b"hello"

@@ -9,12 +9,17 @@ such values are rejected here instead of being escaped.
 from __future__ import annotations
 
 import re
+from typing import Final
 
 UID_MAX_LENGTH = 128
 DNS_LABEL_MAX_LENGTH = 63
 
-# Printable ASCII without space (0x21-0x7E), minus the hash tag braces.
-_UID_RE = re.compile(r"[\x21-\x7a\x7c\x7e]+")
+# A UID is printable ASCII without space (0x21-0x7E), minus the hash tag
+# braces. Final, so that mypyc puts the numbers in the code.
+_UID_MIN_CODE: Final = 0x21
+_UID_MAX_CODE: Final = 0x7E
+_OPEN_BRACE: Final = 0x7B
+_CLOSE_BRACE: Final = 0x7D
 # RFC 1123 label, as Kubernetes uses for namespaces and service names.
 _DNS_LABEL_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 
@@ -25,10 +30,19 @@ def uid_problem(uid: str) -> str | None:
         return "is empty"
     if len(uid) > UID_MAX_LENGTH:
         return f"is {len(uid)} characters long, the maximum is {UID_MAX_LENGTH}"
-    if _UID_RE.fullmatch(uid) is None:
-        return (
-            "must be printable ASCII without whitespace, '{', '}' or control characters"
-        )
+    # mypyc compiles `ord(uid[index])` to a read of the code point, which
+    # costs less than the method call of a regular expression match.
+    for index in range(len(uid)):
+        code = ord(uid[index])
+        if (
+            code < _UID_MIN_CODE
+            or code > _UID_MAX_CODE
+            or code in (_OPEN_BRACE, _CLOSE_BRACE)
+        ):
+            return (
+                "must be printable ASCII without whitespace, '{', '}' or "
+                "control characters"
+            )
     return None
 
 

@@ -107,6 +107,7 @@ class Forwarder:
         metrics: Metrics | None = None,
     ) -> None:
         self._proxy = config.proxy
+        self._routing_headers = _routing_headers(config)
         self._metrics = metrics
         self._services = services
         self._router = router
@@ -126,6 +127,7 @@ class Forwarder:
         Requests in flight keep the timeout they started with.
         """
         self._proxy = config.proxy
+        self._routing_headers = _routing_headers(config)
         self._trusted = parse_networks(config.proxy.trusted_proxies)
         self._timeouts = {
             name: _timeout(service) for name, service in self._services.items()
@@ -305,12 +307,7 @@ class Forwarder:
         elif route.origin is Origin.DEGRADED:
             # Placed without the store: the user's state may be on another pod.
             extra_headers = {"X-Route-Reason": "degraded"}
-        proxy = self._proxy
-        routing_headers = (
-            proxy.namespace_header,
-            proxy.service_header,
-            proxy.uid_header,
-        )
+        routing_headers = self._routing_headers
         pod = route.pod
         failed: tuple[int, ...] = ()
         attempts_left = service.settings.retry_attempts
@@ -505,6 +502,12 @@ class Forwarder:
                 400, "invalid_uid", f"UID {problem}", header=proxy.uid_header
             )
         return namespace, service, uid
+
+
+def _routing_headers(config: Config) -> tuple[str, str, str]:
+    """Return the names of the namespace, service and UID headers."""
+    proxy = config.proxy
+    return (proxy.namespace_header, proxy.service_header, proxy.uid_header)
 
 
 def _timeout(service: Service) -> aiohttp.ClientTimeout:

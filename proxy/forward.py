@@ -27,7 +27,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from aiohttp.http import HttpProcessingError
-from multidict import CIMultiDictProxy
+from multidict import CIMultiDictProxy, istr
 
 from proxy.config import Config
 from proxy.errors import (
@@ -108,6 +108,7 @@ class Forwarder:
     ) -> None:
         self._proxy = config.proxy
         self._routing_headers = _routing_headers(config)
+        self._routing_keys = _routing_keys(self._routing_headers)
         self._metrics = metrics
         self._services = services
         self._router = router
@@ -128,6 +129,7 @@ class Forwarder:
         """
         self._proxy = config.proxy
         self._routing_headers = _routing_headers(config)
+        self._routing_keys = _routing_keys(self._routing_headers)
         self._trusted = parse_networks(config.proxy.trusted_proxies)
         self._timeouts = {
             name: _timeout(service) for name, service in self._services.items()
@@ -438,9 +440,10 @@ class Forwarder:
         self, request: web.BaseRequest, ids: dict[str, Any]
     ) -> tuple[str, Service, str | None]:
         proxy = self._proxy
+        namespace_key, service_key, uid_key = self._routing_keys
         headers = request.headers
         # `check_request` already rejected targets that are not a path.
-        namespace = _single_header(headers, proxy.namespace_header)
+        namespace = _single_header(headers, namespace_key)
         if namespace is None:
             namespace = proxy.default_namespace
         else:
@@ -455,7 +458,7 @@ class Forwarder:
                 )
         ids["namespace"] = namespace
 
-        service_name = _single_header(headers, proxy.service_header)
+        service_name = _single_header(headers, service_key)
         if service_name is None:
             service_name = proxy.default_service
             if not service_name:
@@ -485,7 +488,7 @@ class Forwarder:
                 value=namespace,
             )
 
-        uid = _single_header(headers, proxy.uid_header)
+        uid = _single_header(headers, uid_key)
         if uid is None:
             if service.settings.allow_without_uid:
                 return namespace, service, None
@@ -508,6 +511,12 @@ def _routing_headers(config: Config) -> tuple[str, str, str]:
     """Return the names of the namespace, service and UID headers."""
     proxy = config.proxy
     return (proxy.namespace_header, proxy.service_header, proxy.uid_header)
+
+
+def _routing_keys(names: tuple[str, str, str]) -> tuple[istr, istr, istr]:
+    """Return `names` as multidict's `istr`, which a lookup need not lowercase."""
+    namespace, service, uid = names
+    return istr(namespace), istr(service), istr(uid)
 
 
 def _timeout(service: Service) -> aiohttp.ClientTimeout:
@@ -547,12 +556,13 @@ def _body_rejected(
     return closing_error(exc.status, exc.code, exc.message)
 
 
-def _single_header(headers: CIMultiDictProxy[str], name: str) -> str | None:
+def _single_header(headers: CIMultiDictProxy[str], key: istr) -> str | None:
     """Return the value of a header that must appear at most once."""
-    values = headers.getall(name, ())
+    values = headers.getall(key, ())
     if not values:
         return None
     if len(values) > 1:
+        name = str(key)
         raise RequestError(
             400,
             "repeated_header",

@@ -14,9 +14,10 @@ header names and values, so the client's lines are not checked again.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Final
 
 from aiohttp import web
-from multidict import CIMultiDictProxy
+from multidict import CIMultiDictProxy, istr
 
 from proxy.client_head import HOP_BY_HOP
 from proxy.inbound import Network, is_trusted
@@ -29,6 +30,9 @@ _FORWARDED = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-hos
 # The results of `_dropped_names` by its argument, at most `_MAX_DROPPED_NAMES`.
 _DROPPED_NAMES: dict[tuple[str, ...], tuple[frozenset[str], frozenset[str]]] = {}
 _MAX_DROPPED_NAMES = 32
+# Host as multidict's `istr`, which a lookup need not lowercase. Final, so
+# that mypyc reads it without a module dict lookup.
+_HOST: Final = istr("Host")
 
 
 def pod_request_headers(
@@ -75,7 +79,7 @@ def pod_request_headers(
         added = (
             f"X-Forwarded-For: {request.remote or ''}\r\n"
             f"X-Forwarded-Proto: {request.scheme}\r\n"
-            f"X-Forwarded-Host: {request.headers.get('Host')}\r\n"
+            f"X-Forwarded-Host: {request.headers.get(_HOST)}\r\n"
         )
         if extra_headers:
             added += _extra_lines(extra_headers)

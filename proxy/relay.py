@@ -171,6 +171,9 @@ class Relay:
     def __init__(self, pool: UpstreamPool, routed_pod_header: str) -> None:
         self._pool = pool
         self._routed_pod_header = routed_pod_header
+        # The name as multidict's `istr`, which `SentResponse` puts in its
+        # `CIMultiDict` without lowercasing it.
+        self._routed_key = istr(routed_pod_header)
         self._client_head = ClientHeadEncoder(routed_pod_header)
 
     async def relay(
@@ -416,7 +419,7 @@ class Relay:
         if head is None:
             return None
         data = upstream.read_complete()
-        routed = self._routed_pod_header
+        routed = self._routed_key
         response = SentResponse(
             upstream.status,
             upstream.reason,

@@ -49,11 +49,11 @@ HOP_BY_HOP = frozenset(
 # Statuses whose responses carry no Content-Length to the client, as aiohttp
 # 3.14's `should_remove_content_length` decides for the statuses a pod can
 # send as final responses. A 304 keeps it (RFC 9110, section 8.6).
-_NO_LENGTH_STATUSES = frozenset({204})
+_NO_LENGTH_STATUSES: Final = frozenset({204})
 # The Connection line of nginx and of other pods that keep connections open,
 # lowercased. Final, so that mypyc puts the string and its length in the code.
 _KEEP_ALIVE_LINE: Final = "\r\nconnection: keep-alive"
-_STATUS_PREFIXES = {HttpVersion11: b"HTTP/1.1", HttpVersion10: b"HTTP/1.0"}
+_STATUS_PREFIXES: Final = {HttpVersion11: b"HTTP/1.1", HttpVersion10: b"HTTP/1.0"}
 
 
 # Non-native like the aiohttp subclasses in proxy/connections.py, with the

@@ -22,7 +22,7 @@ import asyncio
 import logging
 import math
 import time
-from typing import Any
+from typing import Any, Final
 
 import aiohttp
 from aiohttp import web
@@ -75,8 +75,9 @@ logger = logging.getLogger("stateful_route.forward")
 
 
 # Headers that inform a pod that a user was moved to it. Only
-# the proxy sets them; a client's own values are dropped.
-_ROUTE_HEADERS = ("X-Route-Previous-Pod", "X-Route-Reason")
+# the proxy sets them; a client's own values are dropped. Typed as a tuple
+# of any length, so that mypyc keeps one tuple object for every request.
+_ROUTE_HEADERS: Final[tuple[str, ...]] = ("X-Route-Previous-Pod", "X-Route-Reason")
 # Failure descriptions for the passive health checks, by stage.
 _FAILURE_KINDS = {
     Stage.CONNECT: "connect error",

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Collection, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from proxy.errors import StoreBusyError, StoreError, StoreUnavailableError
 from proxy.relay import UpstreamError
@@ -38,7 +38,7 @@ PREFIX = "stateful_route_"
 # calls are single Redis round trips on a nearby server. Typed as tuples of
 # any length, because mypyc keeps a fixed-length tuple of floats unboxed and
 # builds a new tuple object for every `bucket_index` call.
-REQUEST_BUCKETS_S: tuple[float, ...] = (
+REQUEST_BUCKETS_S: Final[tuple[float, ...]] = (
     0.001,
     0.0025,
     0.005,
@@ -54,7 +54,7 @@ REQUEST_BUCKETS_S: tuple[float, ...] = (
     10.0,
     30.0,
 )
-STORE_BUCKETS_S: tuple[float, ...] = (
+STORE_BUCKETS_S: Final[tuple[float, ...]] = (
     0.0001,
     0.00025,
     0.0005,

@@ -11,8 +11,8 @@ from __future__ import annotations
 import re
 from typing import Final
 
-UID_MAX_LENGTH = 128
-DNS_LABEL_MAX_LENGTH = 63
+UID_MAX_LENGTH: Final = 128
+DNS_LABEL_MAX_LENGTH: Final = 63
 
 # A UID is printable ASCII without space (0x21-0x7E), minus the hash tag
 # braces. Final, so that mypyc puts the numbers in the code.

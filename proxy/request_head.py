@@ -28,7 +28,7 @@ _NOTHING: frozenset[str] = frozenset()
 # Client headers that the pod gets as `forwarded_headers` sets them.
 _FORWARDED = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"})
 # The results of `_dropped_names` by its argument, at most `_MAX_DROPPED_NAMES`.
-_DROPPED_NAMES: dict[tuple[str, ...], tuple[frozenset[str], frozenset[str]]] = {}
+_DROPPED_NAMES: Final[dict[tuple[str, ...], tuple[frozenset[str], frozenset[str]]]] = {}
 _MAX_DROPPED_NAMES = 32
 # Host as multidict's `istr`, which a lookup need not lowercase. Final, so
 # that mypyc reads it without a module dict lookup.

@@ -248,9 +248,11 @@ class Forwarder:
         if rejected is not None:
             logger.info("rejected an Expect header with 417 %s", format_ids(ids))
             return rejected
-        guard = GuardedBody(request.content, self._limits)
+        # A bodyless request needs no guard, because nothing reads its body.
+        guard = None
         try:
             if request.body_exists:
+                guard = GuardedBody(request.content, self._limits)
                 body = await read_body(
                     request,
                     settings.retry_buffer_bytes,
@@ -290,7 +292,7 @@ class Forwarder:
         uid: str | None,
         route: Route,
         body: RequestBody,
-        guard: GuardedBody,
+        guard: GuardedBody | None,
         ids: dict[str, Any],
     ) -> web.StreamResponse:
         """Send attempts until a pod responds or no retry is allowed."""
@@ -324,7 +326,7 @@ class Forwarder:
                 return await self._attempt(request, service, pod, ids, headers, body)
             except UpstreamError as exc:
                 error = exc
-            if guard.failure is not None:
+            if guard is not None and guard.failure is not None:
                 # The attempt failed because the client's body did.
                 return _body_rejected(request, guard.failure, ids)
 

@@ -156,7 +156,8 @@ class Forwarder:
         status = 500
         try:
             response = await self._handle(request, ids)
-            status = response.status
+            # `response.status` of aiohttp 3.14, read without its property call.
+            status = response._status
             return response
         except asyncio.CancelledError:
             # The client went away. That ends a tunnel after its 101, and
@@ -410,7 +411,8 @@ class Forwarder:
             raise
         # NOTE: a body that breaks off after the status line was sent counts
         # with the pod's status, because the relay returns that response.
-        status = relayed.status
+        # `relayed.status` of aiohttp 3.14, read without its property call.
+        status = relayed._status
         stats.finish(stat, time.monotonic() - started, status)
         if status < 500:
             service.health.record(pod, True, "")

@@ -14,12 +14,11 @@ from typing import Final
 UID_MAX_LENGTH: Final = 128
 DNS_LABEL_MAX_LENGTH: Final = 63
 
-# A UID is printable ASCII without space (0x21-0x7E), minus the hash tag
-# braces. Final, so that mypyc puts the numbers in the code.
-_UID_MIN_CODE: Final = 0x21
-_UID_MAX_CODE: Final = 0x7E
-_OPEN_BRACE: Final = 0x7B
-_CLOSE_BRACE: Final = 0x7D
+# The characters of a UID: printable ASCII without space (0x21-0x7E), minus
+# the hash tag braces.
+_UID_CHARACTERS: Final = "".join(
+    chr(code) for code in range(0x21, 0x7F) if chr(code) not in "{}"
+)
 # RFC 1123 label, as Kubernetes uses for namespaces and service names.
 _DNS_LABEL_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 
@@ -30,19 +29,13 @@ def uid_problem(uid: str) -> str | None:
         return "is empty"
     if len(uid) > UID_MAX_LENGTH:
         return f"is {len(uid)} characters long, the maximum is {UID_MAX_LENGTH}"
-    # mypyc compiles `ord(uid[index])` to a read of the code point, which
-    # costs less than the method call of a regular expression match.
-    for index in range(len(uid)):
-        code = ord(uid[index])
-        if (
-            code < _UID_MIN_CODE
-            or code > _UID_MAX_CODE
-            or code in (_OPEN_BRACE, _CLOSE_BRACE)
-        ):
-            return (
-                "must be printable ASCII without whitespace, '{', '}' or "
-                "control characters"
-            )
+    # `strip` removes the UID characters from both ends, so any other
+    # character is left over. It costs less than a regular expression
+    # match, both compiled (mypyc calls it directly) and interpreted.
+    if uid.strip(_UID_CHARACTERS):
+        return (
+            "must be printable ASCII without whitespace, '{', '}' or control characters"
+        )
     return None
 
 

@@ -22,12 +22,12 @@ import asyncio
 import logging
 import math
 import time
-from typing import Any
+from typing import Any, Final
 
 import aiohttp
 from aiohttp import web
 from aiohttp.http import HttpProcessingError
-from multidict import CIMultiDictProxy
+from multidict import CIMultiDictProxy, istr
 
 from proxy.config import Config
 from proxy.errors import (
@@ -75,8 +75,11 @@ logger = logging.getLogger("stateful_route.forward")
 
 
 # Headers that inform a pod that a user was moved to it. Only
-# the proxy sets them; a client's own values are dropped.
-_ROUTE_HEADERS = ("X-Route-Previous-Pod", "X-Route-Reason")
+# the proxy sets them; a client's own values are dropped. Typed as a tuple
+# of any length, so that mypyc keeps one tuple object for every request.
+_ROUTE_HEADERS: Final[tuple[str, ...]] = ("X-Route-Previous-Pod", "X-Route-Reason")
+# Final, so that mypyc calls it without an attribute lookup on the module.
+_monotonic: Final = time.monotonic
 # Failure descriptions for the passive health checks, by stage.
 _FAILURE_KINDS = {
     Stage.CONNECT: "connect error",
@@ -107,6 +110,8 @@ class Forwarder:
         metrics: Metrics | None = None,
     ) -> None:
         self._proxy = config.proxy
+        self._routing_headers = _routing_headers(config)
+        self._routing_keys = _routing_keys(self._routing_headers)
         self._metrics = metrics
         self._services = services
         self._router = router
@@ -126,6 +131,8 @@ class Forwarder:
         Requests in flight keep the timeout they started with.
         """
         self._proxy = config.proxy
+        self._routing_headers = _routing_headers(config)
+        self._routing_keys = _routing_keys(self._routing_headers)
         self._trusted = parse_networks(config.proxy.trusted_proxies)
         self._timeouts = {
             name: _timeout(service) for name, service in self._services.items()
@@ -147,11 +154,12 @@ class Forwarder:
         """Route one request to its pod and relay the response."""
         self.in_flight.enter()
         ids: dict[str, Any] = {}
-        started = time.monotonic()
+        started = _monotonic()
         status = 500
         try:
             response = await self._handle(request, ids)
-            status = response.status
+            # `response.status` of aiohttp 3.14, read without its property call.
+            status = response._status
             return response
         except asyncio.CancelledError:
             # The client went away. That ends a tunnel after its 101, and
@@ -165,7 +173,7 @@ class Forwarder:
                     ids.get("service", ""),
                     ids.get("pod"),
                     status,
-                    time.monotonic() - started,
+                    _monotonic() - started,
                 )
 
     async def _handle(
@@ -243,9 +251,11 @@ class Forwarder:
         if rejected is not None:
             logger.info("rejected an Expect header with 417 %s", format_ids(ids))
             return rejected
-        guard = GuardedBody(request.content, self._limits)
+        # A bodyless request needs no guard, because nothing reads its body.
+        guard = None
         try:
             if request.body_exists:
+                guard = GuardedBody(request.content, self._limits)
                 body = await read_body(
                     request,
                     settings.retry_buffer_bytes,
@@ -285,7 +295,7 @@ class Forwarder:
         uid: str | None,
         route: Route,
         body: RequestBody,
-        guard: GuardedBody,
+        guard: GuardedBody | None,
         ids: dict[str, Any],
     ) -> web.StreamResponse:
         """Send attempts until a pod responds or no retry is allowed."""
@@ -305,12 +315,7 @@ class Forwarder:
         elif route.origin is Origin.DEGRADED:
             # Placed without the store: the user's state may be on another pod.
             extra_headers = {"X-Route-Reason": "degraded"}
-        proxy = self._proxy
-        routing_headers = (
-            proxy.namespace_header,
-            proxy.service_header,
-            proxy.uid_header,
-        )
+        routing_headers = self._routing_headers
         pod = route.pod
         failed: tuple[int, ...] = ()
         attempts_left = service.settings.retry_attempts
@@ -324,7 +329,7 @@ class Forwarder:
                 return await self._attempt(request, service, pod, ids, headers, body)
             except UpstreamError as exc:
                 error = exc
-            if guard.failure is not None:
+            if guard is not None and guard.failure is not None:
                 # The attempt failed because the client's body did.
                 return _body_rejected(request, guard.failure, ids)
 
@@ -391,7 +396,7 @@ class Forwarder:
         timeout = self._timeouts.get(service.name) or _timeout(service)
         stats = service.stats
         stat = stats.start(pod)
-        started = time.monotonic()
+        started = _monotonic()
         try:
             relayed = await self._relay.send(request, pod, timeout, ids, headers, body)
         except UpstreamError as exc:
@@ -400,7 +405,7 @@ class Forwarder:
             if exc.stage is Stage.STALE:
                 stats.cancel(stat)
                 raise
-            stats.finish(stat, time.monotonic() - started, exc.status)
+            stats.finish(stat, _monotonic() - started, exc.status)
             service.health.record(pod, False, _FAILURE_KINDS[exc.stage])
             raise
         except BaseException:
@@ -408,8 +413,9 @@ class Forwarder:
             raise
         # NOTE: a body that breaks off after the status line was sent counts
         # with the pod's status, because the relay returns that response.
-        status = relayed.status
-        stats.finish(stat, time.monotonic() - started, status)
+        # `relayed.status` of aiohttp 3.14, read without its property call.
+        status = relayed._status
+        stats.finish(stat, _monotonic() - started, status)
         if status < 500:
             service.health.record(pod, True, "")
         else:
@@ -441,9 +447,10 @@ class Forwarder:
         self, request: web.BaseRequest, ids: dict[str, Any]
     ) -> tuple[str, Service, str | None]:
         proxy = self._proxy
+        namespace_key, service_key, uid_key = self._routing_keys
         headers = request.headers
         # `check_request` already rejected targets that are not a path.
-        namespace = _single_header(headers, proxy.namespace_header)
+        namespace = _single_header(headers, namespace_key)
         if namespace is None:
             namespace = proxy.default_namespace
         else:
@@ -458,7 +465,7 @@ class Forwarder:
                 )
         ids["namespace"] = namespace
 
-        service_name = _single_header(headers, proxy.service_header)
+        service_name = _single_header(headers, service_key)
         if service_name is None:
             service_name = proxy.default_service
             if not service_name:
@@ -488,7 +495,7 @@ class Forwarder:
                 value=namespace,
             )
 
-        uid = _single_header(headers, proxy.uid_header)
+        uid = _single_header(headers, uid_key)
         if uid is None:
             if service.settings.allow_without_uid:
                 return namespace, service, None
@@ -505,6 +512,18 @@ class Forwarder:
                 400, "invalid_uid", f"UID {problem}", header=proxy.uid_header
             )
         return namespace, service, uid
+
+
+def _routing_headers(config: Config) -> tuple[str, str, str]:
+    """Return the names of the namespace, service and UID headers."""
+    proxy = config.proxy
+    return (proxy.namespace_header, proxy.service_header, proxy.uid_header)
+
+
+def _routing_keys(names: tuple[str, str, str]) -> tuple[istr, istr, istr]:
+    """Return `names` as multidict's `istr`, which a lookup need not lowercase."""
+    namespace, service, uid = names
+    return istr(namespace), istr(service), istr(uid)
 
 
 def _timeout(service: Service) -> aiohttp.ClientTimeout:
@@ -544,12 +563,13 @@ def _body_rejected(
     return closing_error(exc.status, exc.code, exc.message)
 
 
-def _single_header(headers: CIMultiDictProxy[str], name: str) -> str | None:
+def _single_header(headers: CIMultiDictProxy[str], key: istr) -> str | None:
     """Return the value of a header that must appear at most once."""
-    values = headers.getall(name, ())
+    values = headers.getall(key, ())
     if not values:
         return None
     if len(values) > 1:
+        name = str(key)
         raise RequestError(
             400,
             "repeated_header",

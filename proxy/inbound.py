@@ -31,7 +31,7 @@ import re
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Final
 
 import aiohttp.web_response
 import orjson
@@ -52,6 +52,7 @@ from aiohttp.http_exceptions import (
 )
 from aiohttp.http_parser import HttpRequestParserPy
 from aiohttp.streams import EMPTY_PAYLOAD
+from multidict import istr
 from mypy_extensions import mypyc_attr
 
 from proxy.chunks import strict_chunk_lines
@@ -78,6 +79,10 @@ _TARGET_FORBIDDEN = re.compile(r"[^\x21-\x7e]")
 # HTTP/0.9 and HTTP/2.0 request lines, and the Python parser any digit.digit.
 SUPPORTED_VERSIONS = (HttpVersion10, HttpVersion11)
 _VERSION_TOKEN = re.compile(rb"HTTP/([0-9])\.([0-9])")
+# Header names as multidict's `istr`, which a lookup need not lowercase.
+_HOST_KEY: Final = istr("Host")
+_TRANSFER_ENCODING_KEY: Final = istr("Transfer-Encoding")
+_CONTENT_LENGTH_KEY: Final = istr("Content-Length")
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,9 +213,9 @@ def check_request(request: web.BaseRequest, limits: Limits) -> None:
         )
 
     headers = request.headers
-    if version >= (1, 1) and "Host" not in headers:
+    if version >= (1, 1) and _HOST_KEY not in headers:
         raise RequestRejected(400, "invalid_request", "missing Host header")
-    codings = headers.getall("Transfer-Encoding", ())
+    codings = headers.getall(_TRANSFER_ENCODING_KEY, ())
     if codings and version == HttpVersion10:
         # RFC 9112, section 6.1: Transfer-Encoding in an HTTP/1.0 request
         # makes its framing faulty, so the connection must close after it.
@@ -228,7 +233,7 @@ def check_request(request: web.BaseRequest, limits: Limits) -> None:
             "only a single chunked",
         )
     # `request.content_length` of aiohttp 3.14.5, without its property call.
-    length_value = headers.get("Content-Length")
+    length_value = headers.get(_CONTENT_LENGTH_KEY)
     length = None if length_value is None else int(length_value)
     if limits.max_body_bytes and length is not None and length > limits.max_body_bytes:
         raise RequestRejected(
@@ -473,8 +478,16 @@ class InboundServer(IdleSweepServer):
 # trailer section, at a whole head that waits for aiohttp's message, or
 # behind an upgrade request. _LOST stops the checks, and _BROKEN drops the
 # bytes after a failed body or an error response.
-_HEAD, _CHUNK_SIZE, _TRAILERS, _WAITING, _UPGRADED, _LOST, _BROKEN = range(7)
-_LINE_ENDS = b"\r\n"
+# Final, so that mypyc puts the values in the code instead of reading the
+# module's globals.
+_HEAD: Final = 0
+_CHUNK_SIZE: Final = 1
+_TRAILERS: Final = 2
+_WAITING: Final = 3
+_UPGRADED: Final = 4
+_LOST: Final = 5
+_BROKEN: Final = 6
+_LINE_ENDS: Final = b"\r\n"
 
 
 def _error_message(

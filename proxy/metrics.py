@@ -18,9 +18,8 @@ never appear.
 from __future__ import annotations
 
 import time
-from bisect import bisect_left
 from collections.abc import Collection, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from proxy.errors import StoreBusyError, StoreError, StoreUnavailableError
 from proxy.relay import UpstreamError
@@ -38,8 +37,8 @@ PREFIX = "stateful_route_"
 # Bucket bounds in seconds. Requests include the pod's own time, and store
 # calls are single Redis round trips on a nearby server. Typed as tuples of
 # any length, because mypyc keeps a fixed-length tuple of floats unboxed and
-# builds a new tuple object for every `bisect_left` call.
-REQUEST_BUCKETS_S: tuple[float, ...] = (
+# builds a new tuple object for every `bucket_index` call.
+REQUEST_BUCKETS_S: Final[tuple[float, ...]] = (
     0.001,
     0.0025,
     0.005,
@@ -55,7 +54,7 @@ REQUEST_BUCKETS_S: tuple[float, ...] = (
     10.0,
     30.0,
 )
-STORE_BUCKETS_S: tuple[float, ...] = (
+STORE_BUCKETS_S: Final[tuple[float, ...]] = (
     0.0001,
     0.00025,
     0.0005,
@@ -84,6 +83,24 @@ def upstream_error_kind(error: UpstreamError) -> str:
     if stage is Stage.STALE:
         return "stale"
     return "protocol"
+
+
+def bucket_index(bounds: tuple[float, ...], value: float) -> int:
+    """Return the index of the first of the sorted `bounds` at least `value`.
+
+    It is `bisect.bisect_left` with the same algorithm. mypyc compiles it to
+    a loop over unboxed floats, where a call of `bisect_left` costs a
+    generic function call with boxed arguments.
+    """
+    low = 0
+    high = len(bounds)
+    while low < high:
+        middle = (low + high) // 2
+        if bounds[middle] < value:
+            low = middle + 1
+        else:
+            high = middle
+    return low
 
 
 def store_error_kind(error: StoreError) -> str:
@@ -216,15 +233,16 @@ class RequestCollector:
     _LE_LABELS = _le_labels(REQUEST_BUCKETS_S)
 
     def __init__(self) -> None:
-        # (service, pod label, status class) -> [count, created timestamp]
-        self._counts: dict[tuple[str, str, int], list[float]] = {}
+        # (service, pod index or None, status class) -> [count, created
+        # timestamp]. The pod label is formatted at scrape time.
+        self._counts: dict[tuple[str, int | None, int], list[float]] = {}
         self._durations: dict[str, _Durations] = {}
 
     def observe(
         self, service: str, pod: int | None, status_class: int, duration_s: float
     ) -> None:
         """Count one request and sample its duration."""
-        key = (service, "" if pod is None else str(pod), status_class)
+        key = (service, pod, status_class)
         count = self._counts.get(key)
         if count is None:
             self._counts[key] = [1, time.time()]
@@ -235,7 +253,7 @@ class RequestCollector:
             durations = self._durations[service] = _Durations(len(REQUEST_BUCKETS_S))
         # A sample equal to a bound counts in that bound's bucket, because
         # "le" means less than or equal.
-        durations.buckets[bisect_left(REQUEST_BUCKETS_S, duration_s)] += 1
+        durations.buckets[bucket_index(REQUEST_BUCKETS_S, duration_s)] += 1
         durations.total_s += duration_s
 
     def forget_service(self, service: str) -> None:
@@ -248,7 +266,7 @@ class RequestCollector:
         """Remove the request counts of the pods of `service` not in `kept_indexes`."""
         for key in list(self._counts):
             name, pod, _ = key
-            if name == service and pod and int(pod) not in kept_indexes:
+            if name == service and pod is not None and pod not in kept_indexes:
                 del self._counts[key]
 
     def collect(self) -> Iterator[Metric]:
@@ -260,8 +278,9 @@ class RequestCollector:
             labels=("service", "pod", "status_class"),
         )
         for (service, pod, status_class), (count, created) in self._counts.items():
+            pod_label = "" if pod is None else str(pod)
             requests.add_metric(
-                [service, pod, f"{status_class}xx"], count, created=created
+                [service, pod_label, f"{status_class}xx"], count, created=created
             )
         yield requests
 
@@ -322,7 +341,7 @@ class StoreCallCollector:
     def observe(self, duration_s: float, error_kind: str | None) -> None:
         """Sample one call, and count it as an error of `error_kind` unless None."""
         durations = self._durations
-        durations.buckets[bisect_left(STORE_BUCKETS_S, duration_s)] += 1
+        durations.buckets[bucket_index(STORE_BUCKETS_S, duration_s)] += 1
         durations.total_s += duration_s
         if error_kind is None:
             return

@@ -9,12 +9,16 @@ such values are rejected here instead of being escaped.
 from __future__ import annotations
 
 import re
+from typing import Final
 
-UID_MAX_LENGTH = 128
-DNS_LABEL_MAX_LENGTH = 63
+UID_MAX_LENGTH: Final = 128
+DNS_LABEL_MAX_LENGTH: Final = 63
 
-# Printable ASCII without space (0x21-0x7E), minus the hash tag braces.
-_UID_RE = re.compile(r"[\x21-\x7a\x7c\x7e]+")
+# The characters of a UID: printable ASCII without space (0x21-0x7E), minus
+# the hash tag braces.
+_UID_CHARACTERS: Final = "".join(
+    chr(code) for code in range(0x21, 0x7F) if chr(code) not in "{}"
+)
 # RFC 1123 label, as Kubernetes uses for namespaces and service names.
 _DNS_LABEL_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 
@@ -25,7 +29,10 @@ def uid_problem(uid: str) -> str | None:
         return "is empty"
     if len(uid) > UID_MAX_LENGTH:
         return f"is {len(uid)} characters long, the maximum is {UID_MAX_LENGTH}"
-    if _UID_RE.fullmatch(uid) is None:
+    # `strip` removes the UID characters from both ends, so any other
+    # character is left over. It costs less than a regular expression
+    # match, both compiled (mypyc calls it directly) and interpreted.
+    if uid.strip(_UID_CHARACTERS):
         return (
             "must be printable ASCII without whitespace, '{', '}' or control characters"
         )

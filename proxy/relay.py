@@ -20,13 +20,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Coroutine, Iterable, Mapping
-from typing import Any
+from typing import Any, Final
 
 import aiohttp
 import aiohttp.web_response
 import orjson
 from aiohttp import StreamReader, web
 from aiohttp.http import HttpVersion11
+from multidict import istr
 from mypy_extensions import mypyc_attr
 
 from proxy.client_head import HOP_BY_HOP, ClientHeadEncoder, SentResponse
@@ -66,6 +67,9 @@ _REASON_SHOWN_LENGTH = 128
 _CONTINUE_LINE = b"HTTP/1.1 100 Continue\r\n\r\n"
 # Request key that marks a client that got its 100 Continue.
 _CONTINUE_SENT = "stateful_route.continue_sent"
+# Expect as multidict's `istr`, which a lookup need not lowercase. Final,
+# so that mypyc reads it without a module dict lookup.
+_EXPECT: Final = istr("Expect")
 
 
 class UpstreamError(StatefulRouteError):
@@ -167,6 +171,9 @@ class Relay:
     def __init__(self, pool: UpstreamPool, routed_pod_header: str) -> None:
         self._pool = pool
         self._routed_pod_header = routed_pod_header
+        # The name as multidict's `istr`, which `SentResponse` puts in its
+        # `CIMultiDict` without lowercasing it.
+        self._routed_key = istr(routed_pod_header)
         self._client_head = ClientHeadEncoder(routed_pod_header)
 
     async def relay(
@@ -412,7 +419,7 @@ class Relay:
         if head is None:
             return None
         data = upstream.read_complete()
-        routed = self._routed_pod_header
+        routed = self._routed_key
         response = SentResponse(
             upstream.status,
             upstream.reason,
@@ -468,7 +475,7 @@ def answer_expect(request: web.BaseRequest) -> web.Response | None:
     ``Expect: 100-continue`` is forwarded to the pod by the relay, which
     sends the client its ``100 Continue`` only once the pod sent one.
     """
-    expect = request.headers.get("Expect")
+    expect = request.headers.get(_EXPECT)
     if expect is None or expect.strip().lower() == "100-continue":
         return None
     return error_response(
@@ -481,7 +488,7 @@ def answer_expect(request: web.BaseRequest) -> web.Response | None:
 
 def expects_continue(request: web.BaseRequest) -> bool:
     """Return whether the client waits for ``100 Continue`` before its body."""
-    expect = request.headers.get("Expect")
+    expect = request.headers.get(_EXPECT)
     return (
         expect is not None
         and request.version >= HttpVersion11

@@ -14,9 +14,10 @@ header names and values, so the client's lines are not checked again.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Final
 
 from aiohttp import web
-from multidict import CIMultiDictProxy
+from multidict import CIMultiDictProxy, istr
 
 from proxy.client_head import HOP_BY_HOP
 from proxy.inbound import Network, is_trusted
@@ -27,8 +28,11 @@ _NOTHING: frozenset[str] = frozenset()
 # Client headers that the pod gets as `forwarded_headers` sets them.
 _FORWARDED = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"})
 # The results of `_dropped_names` by its argument, at most `_MAX_DROPPED_NAMES`.
-_DROPPED_NAMES: dict[tuple[str, ...], tuple[frozenset[str], frozenset[bytes]]] = {}
+_DROPPED_NAMES: Final[dict[tuple[str, ...], tuple[frozenset[str], frozenset[str]]]] = {}
 _MAX_DROPPED_NAMES = 32
+# Host as multidict's `istr`, which a lookup need not lowercase. Final, so
+# that mypyc reads it without a module dict lookup.
+_HOST: Final = istr("Host")
 
 
 def pod_request_headers(
@@ -55,20 +59,34 @@ def pod_request_headers(
         names_pair = _dropped_names(removed)
     dropped, screened = names_pair
     raw = request.raw_headers
-    names = {name.lower() for name, _ in raw}
-    if b"host" in names and names.isdisjoint(screened):
+    has_host = False
+    screened_found = False
+    for raw_name, _ in raw:
+        # mypyc calls these two str methods directly, where `bytes.lower`
+        # costs a generic method call. aiohttp 3.14's request parsers accept
+        # only token characters in a header name, which are ASCII.
+        name = raw_name.decode("latin-1").lower()
+        if name in screened:
+            screened_found = True
+            break
+        if name == "host":
+            has_host = True
+    if has_host and not screened_found:
         # Nothing to drop and no X-Forwarded-* of the client's, so the
         # client's lines go through whole. `kept_headers` add nothing,
         # because the client sent none of the dropped names.
-        client_lines = b"\r\n".join(map(b": ".join, raw)) + b"\r\n"
+        # mypyc calls bytes concatenation directly, where each `bytes.join`
+        # of a name and its value would be a generic method call.
+        client_lines = [name + b": " + value + b"\r\n" for name, value in raw]
         added = (
             f"X-Forwarded-For: {request.remote or ''}\r\n"
             f"X-Forwarded-Proto: {request.scheme}\r\n"
-            f"X-Forwarded-Host: {request.headers.get('Host')}\r\n"
+            f"X-Forwarded-Host: {request.headers.get(_HOST)}\r\n"
         )
         if extra_headers:
             added += _extra_lines(extra_headers)
-        return client_lines + added.encode("utf-8", "surrogateescape")
+        client_lines.append(added.encode("utf-8", "surrogateescape"))
+        return b"".join(client_lines)
 
     source = request.headers
     named = _connection_options(source)
@@ -138,20 +156,18 @@ def _extra_lines(extra_headers: Mapping[str, str]) -> str:
 
 def _dropped_names(
     removed_headers: tuple[str, ...],
-) -> tuple[frozenset[str], frozenset[bytes]]:
-    """Return the lowercased client headers the pod never gets, as str and bytes.
+) -> tuple[frozenset[str], frozenset[str]]:
+    """Return the lowercased client header names that need the slower path.
 
-    They are the hop-by-hop ones, Expect (the relay sets it itself when it
-    forwards 100-continue) and `removed_headers`. The bytes set also has
-    the X-Forwarded-* names, whose presence takes the slower path. The
-    callers pass a few fixed tuples, so each result is kept in
-    `_DROPPED_NAMES`, which a plain dict lookup reads faster than
-    `functools.lru_cache` would.
+    The first set has the headers the pod never gets: the hop-by-hop ones,
+    Expect (the relay sets it itself when it forwards 100-continue) and
+    `removed_headers`. The second set adds the X-Forwarded-* names, so it
+    has every name whose presence takes the slower path. The callers pass a
+    few fixed tuples, so each result is kept in `_DROPPED_NAMES`, which a
+    plain dict lookup reads faster than `functools.lru_cache` would.
     """
     dropped = HOP_BY_HOP | {"expect"} | {name.lower() for name in removed_headers}
-    screened = frozenset(
-        name.encode("utf-8", "surrogateescape") for name in dropped | _FORWARDED
-    )
+    screened = dropped | _FORWARDED
     if len(_DROPPED_NAMES) >= _MAX_DROPPED_NAMES:
         _DROPPED_NAMES.clear()
     _DROPPED_NAMES[removed_headers] = dropped, screened

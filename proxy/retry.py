@@ -27,7 +27,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Callable
 from enum import Enum
-from typing import Protocol
+from typing import Final, Protocol
 
 from aiohttp import web
 
@@ -38,7 +38,7 @@ logger = logging.getLogger("stateful_route.retry")
 # because the proxy has no reason to repeat it.
 RETRYABLE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 # Slots of the sliding window, so the window moves in steps of window_s / 10.
-_WINDOW_SLOTS = 10
+_WINDOW_SLOTS: Final = 10
 
 
 class Stage(Enum):

@@ -10,10 +10,11 @@ response, and the client's connection stays HTTP.
 from __future__ import annotations
 
 import logging
-from typing import cast
+from typing import Final, cast
 
 from aiohttp import web
 from aiohttp.http_websocket import WebSocketReader
+from multidict import istr
 
 from proxy.upstream import UpstreamResponse
 
@@ -21,6 +22,9 @@ from proxy.upstream import UpstreamResponse
 # with the client closing its connection, which cancels the handler, so
 # the handler's caller cannot take the status from a returned response.
 TUNNEL_OPENED = "stateful_route.tunnel_opened"
+# The name as multidict's `istr`, which a lookup need not lowercase. Final,
+# so that mypyc reads it without a module dict lookup.
+_UPGRADE: Final = istr("Upgrade")
 
 logger = logging.getLogger("stateful_route.relay")
 
@@ -33,7 +37,7 @@ def websocket_upgrade(request: web.BaseRequest) -> str | None:
     handler. RFC 9110 section 7.8 has a server ignore Upgrade in an HTTP/1.0
     request, so such a request goes to the pod as a plain one.
     """
-    upgrade = request.headers.get("Upgrade")
+    upgrade = request.headers.get(_UPGRADE)
     if upgrade is None or request.method != "GET" or request.version < (1, 1):
         return None
     if upgrade.strip().lower() != "websocket":

@@ -27,15 +27,15 @@ if TYPE_CHECKING:
 
 # Buffered response bytes above which reading from the pod pauses, and
 # below which it resumes.
-_HIGH_WATER = 256 * 1024
+_HIGH_WATER: Final = 256 * 1024
 _LOW_WATER = 64 * 1024
 # Seconds to wait for the pod's 100 Continue before sending the body
 # anyway, as RFC 9110, section 10.1.1 lets a client do. curl waits 1 s.
 _EXPECT_WAIT_S = 1.0
 # Statuses whose responses never have a body (RFC 9110, section 6.4.1).
-_BODYLESS_STATUSES = frozenset({204, 304})
+_BODYLESS_STATUSES: Final = frozenset({204, 304})
 _NO_TOKENS: frozenset[str] = frozenset()
-_CONTENT_LENGTH = "\r\ncontent-length:"
+_CONTENT_LENGTH: Final = "\r\ncontent-length:"
 _LINE_BREAK_BYTES = (ord("\r"), ord("\n"))
 _SPACE: Final = 0x20
 # Maximum size of the bytes that `split_head` searches in a decoded copy.
@@ -43,7 +43,7 @@ _DECODED_SEARCH_BYTES: Final = 1024
 # Largest response head, final or interim, taken from a pod; a larger one
 # is a 502. .NET's HttpClient also takes at most 64 KiB by default
 # (HttpClientHandler.MaxResponseHeadersLength).
-MAX_RESPONSE_HEAD_BYTES = 64 * 1024
+MAX_RESPONSE_HEAD_BYTES: Final = 64 * 1024
 # Maximum interim (1xx) responses before the final one of a request. More are
 # a 502. Ruby's net-http has the same bound
 # (Net::HTTPResponse::MAX_INFORMATIONAL_RESPONSES).

@@ -7,6 +7,7 @@ sends traffic through its proxy port and reads the admin port's metrics.
 
 from __future__ import annotations
 
+import bisect
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -19,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.config import parse_config
 from proxy.demo import start_demo_pods
-from proxy.metrics import RequestCollector
+from proxy.metrics import REQUEST_BUCKETS_S, RequestCollector, bucket_index
 from proxy.server import ProxyServer
 
 POD_COUNT = 2
@@ -327,3 +328,13 @@ def test_request_collector_forgets_series() -> None:
     collector.forget_service("game")
     services = {dict(labels).get("service") for _, labels in collected(collector)}
     assert services == {"chat"}
+
+
+def test_bucket_index_matches_bisect_left() -> None:
+    bounds = REQUEST_BUCKETS_S
+    values = [0.0, -1.0, 0.0005, 40.0, float("inf"), float("nan")]
+    for bound in bounds:
+        values += [bound, bound * 0.999, bound * 1.001]
+    for value in values:
+        assert bucket_index(bounds, value) == bisect.bisect_left(bounds, value), value
+    assert bucket_index((), 1.0) == 0

@@ -32,6 +32,14 @@ def test_uid_rejects_invalid_value(uid: str, expected: str) -> None:
     assert expected in problem
 
 
+def test_uid_characters_by_code_point() -> None:
+    for code in range(0x300):
+        character = chr(code)
+        valid = 0x21 <= code <= 0x7E and character not in "{}"
+        assert (uid_problem(f"a{character}b") is None) == valid, hex(code)
+        assert (uid_problem(character) is None) == valid, hex(code)
+
+
 @pytest.mark.parametrize("name", ["default", "eu-west-1", "a", "0", "x" * 63])
 def test_dns_label_accepts_valid_label(name: str) -> None:
     assert dns_label_problem(name) is None

@@ -30,10 +30,12 @@ memory matters more, and a connection drops them as soon as it becomes
 idle. With 10,000 idle connections that kept the resident memory of the
 proxy 7 MiB lower (benchmarks/idle_connections.py).
 
-The request loop follows `RequestHandler.start()` of aiohttp 3.14.5 step by
-step. It uses that class's internals ``_messages``, ``_task_handler``,
-``_next_keepalive_close_time``, ``_handle_request``, ``_make_error_handler``,
-``_parser`` and ``_cache``, and the module's ``ERROR`` and
+The request loop follows `RequestHandler.start()` and
+`RequestHandler._handle_request()` of aiohttp 3.14.5 step by step. It uses
+that class's internals ``_messages``, ``_task_handler``,
+``_next_keepalive_close_time``, ``_make_error_handler``, ``_parser``,
+``_cache``, ``_current_request``, ``_request_in_progress`` and
+``_handler_waiter``, and the module's ``ERROR`` and
 ``_PAYLOAD_ACCESS_ERROR``. The parser is made with the arguments of
 `RequestHandler.__init__`. `fill_request_cache` writes ``_cache`` of
 `BaseRequest` and reads its ``_transport_sslcontext`` and
@@ -333,9 +335,7 @@ class OnDemandRequestHandler(aiohttp.web_protocol.RequestHandler):
             fill_request_cache(request, message, payload)
         try:
             try:
-                response, reset = await self._handle_request(
-                    request, started, request_handler
-                )
+                response, reset = await self._respond(request, started, request_handler)
             except ConnectionError:
                 self.log_debug("client went away before its response")
                 return False
@@ -369,6 +369,46 @@ class OnDemandRequestHandler(aiohttp.web_protocol.RequestHandler):
             # go as soon as the request ends.
             request._task = None
         return True
+
+    async def _respond(
+        self,
+        request: BaseRequest,
+        started: float | None,
+        request_handler: Any,
+    ) -> tuple[web.StreamResponse, bool]:
+        """Run the request handler and finish its response.
+
+        `RequestHandler._handle_request` of aiohttp 3.14.5, compiled with
+        this module, because the interpreted coroutine cost instructions on
+        every request and on every resumption of the handler. It leaves out
+        aiohttp's DeprecationWarning for a handler that returns an
+        HTTPException, which this proxy's handlers never do. Each except
+        clause binds a name of its own, because mypyc 2.4.1 gives a name
+        bound by several clauses the type of the first.
+        """
+        response: web.StreamResponse
+        self._request_in_progress = True
+        try:
+            try:
+                try:
+                    self._current_request = request
+                    response = await request_handler(request)
+                finally:
+                    self._current_request = None
+            except web.HTTPException as http_exc:
+                response = http_exc
+            except asyncio.CancelledError:
+                raise
+            except TimeoutError as timeout_exc:
+                self.log_debug("Request handler timed out.", exc_info=timeout_exc)
+                response = self.handle_error(request, 504)
+            except Exception as handler_exc:
+                response = self.handle_error(request, 500, handler_exc)
+            return await self.finish_response(request, response, started)
+        finally:
+            self._request_in_progress = False
+            if self._handler_waiter is not None:
+                self._handler_waiter.set_result(None)
 
     def end_connection(self) -> None:
         """Close the connection after its last response."""

@@ -59,6 +59,12 @@ async def serve() -> AsyncIterator[ServeFactory]:
                 await response.prepare(request)
                 await response.write(b"0123456789")
                 raise RuntimeError("the stream broke off")
+            if request.raw_path == "/not-found":
+                raise web.HTTPNotFound(text="no such page")
+            if request.raw_path == "/timeout":
+                raise TimeoutError("the handler gave up")
+            if request.raw_path == "/error":
+                raise RuntimeError("the handler failed")
             if request.raw_path == "/slow":
                 try:
                     await asyncio.sleep(keepalive_s * 3)
@@ -327,3 +333,50 @@ async def test_sweep_stops_without_connections(serve: ServeFactory) -> None:
 
     await wait_until(lambda: not served.server.connections)
     await wait_until(lambda: served.server._sweep_handle is None)
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """Return the status line and the body of one response with a length."""
+    async with asyncio.timeout(WAIT_S):
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":")[1])
+        return head.split(b"\r\n", 1)[0], await reader.readexactly(length)
+
+
+@pytest.mark.parametrize(
+    ("target", "status_line", "body_part"),
+    [
+        ("/not-found", b"HTTP/1.1 404 Not Found", b"no such page"),
+        # aiohttp's handle_error sends a 504 without a body.
+        ("/timeout", b"HTTP/1.1 504 Gateway Timeout", b""),
+        ("/error", b"HTTP/1.1 500 Internal Server Error", b"500"),
+    ],
+)
+async def test_handler_exception_gives_error_response(
+    serve: ServeFactory, target: str, status_line: bytes, body_part: bytes
+) -> None:
+    served = await serve()
+    async with connected(served.port) as (reader, writer):
+        writer.write(get(target))
+        status, body = await read_response(reader)
+
+    assert status == status_line
+    assert body_part in body
+
+
+async def test_shutdown_waits_for_response_in_progress(serve: ServeFactory) -> None:
+    served = await serve(keepalive_s=0.3)
+    async with connected(served.port) as (reader, writer):
+        writer.write(get("/slow"))
+        await wait_until(lambda: served.targets == ["/slow"])
+        [handler] = served.handlers()
+        assert handler._request_in_progress
+        await served.server.shutdown(WAIT_S)
+        body = await read_body(reader)
+
+    assert body == b"/slow"
+    assert served.cancelled == []
+    assert not handler._request_in_progress

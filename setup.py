@@ -81,6 +81,28 @@ def _not_compiled(failure: str, exc: BaseException) -> None:
     _warn(f"{failure}, so the modules stay pure Python: {exc}")
 
 
+def _remove_uncompiled_extensions() -> None:
+    """Delete the package's in-place extension files of modules no longer compiled.
+
+    An in-place or editable build writes each compiled module's extension
+    file beside its source. When a module leaves COMPILED_MODULES, its old
+    file stays, and Python imports it in place of the source. That file
+    calls an init function of the shared extension that the new build no
+    longer has, so every import of the package fails.
+    """
+    root = os.path.dirname(os.path.abspath(__file__))
+    compiled = {os.path.splitext(path)[0] for path in COMPILED_MODULES}
+    for directory, _, names in os.walk(os.path.join(root, "proxy")):
+        for name in names:
+            if not name.endswith((".so", ".pyd")):
+                continue
+            path = os.path.join(directory, name)
+            module = os.path.relpath(os.path.join(directory, name.split(".")[0]), root)
+            if module.replace(os.sep, "/") not in compiled:
+                os.remove(path)
+                _warn(f"removed {path}, which an earlier build compiled")
+
+
 class OptionalBuildExt(build_ext):
     """Build the mypyc extensions, or none of them when that fails or is off."""
 
@@ -91,6 +113,8 @@ class OptionalBuildExt(build_ext):
                 f"set {MODE_VARIABLE}=1 to compile them"
             )
             return
+        if self.extensions and (self.inplace or self.editable_mode):
+            _remove_uncompiled_extensions()
         try:
             super().run()
         except Exception as exc:

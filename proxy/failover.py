@@ -307,6 +307,11 @@ class FailoverHandler:
         """Wait until every failover run has ended."""
         while self._runs:
             await asyncio.gather(*self._runs.values(), return_exceptions=True)
+            # A run leaves _runs in its done callback, which the loop calls
+            # soon after the run ends. From Python 3.12 on, gather over runs
+            # that all ended returns without yielding to the loop, so
+            # without this the loop never ran that callback.
+            await asyncio.sleep(0)
 
     async def fail_over(self, pod: Pod, reason: str) -> None:
         """Record the failure of `pod` and move its users, namespace by namespace."""

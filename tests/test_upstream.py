@@ -190,6 +190,32 @@ async def test_idle_close_leaves_pool(pool: UpstreamPool, pod: ScriptedPod) -> N
     assert [event.connection for event in pod.events] == [1, 2]
 
 
+async def test_idle_connection_swept_after_timeout(pod: ScriptedPod) -> None:
+    # Long enough that a loaded machine sends the second request well
+    # within it, and short enough for the wait below (5 s at most).
+    idle_timeout_s = 2.0
+    upstream = UpstreamPool(connections_per_pod=8, idle_timeout_s=idle_timeout_s)
+    try:
+        await fetch(upstream, pod, "/length")
+        # Reused within the timeout.
+        await fetch(upstream, pod, "/length")
+        idle_before_timeout = upstream.idle_connections((LOOPBACK, pod.port))
+        # The sweep runs every quarter of the timeout, so the connection
+        # closes between one and one and a quarter timeouts after its release.
+        for _ in range(WAIT_STEPS):
+            if not upstream.idle_connections((LOOPBACK, pod.port)):
+                break
+            await asyncio.sleep(0.02)
+        idle_after_timeout = upstream.idle_connections((LOOPBACK, pod.port))
+        await fetch(upstream, pod, "/length")
+    finally:
+        await upstream.close()
+
+    assert idle_before_timeout == 1
+    assert idle_after_timeout == 0
+    assert [event.connection for event in pod.events] == [1, 1, 2]
+
+
 async def test_stale_pooled_connection_is_stale_stage(
     pool: UpstreamPool, pod: ScriptedPod
 ) -> None:

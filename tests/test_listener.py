@@ -165,3 +165,34 @@ async def test_listener_closes_clients(runner: web.ServerRunner, method: str) ->
         writer.close()
     # The listening socket still accepts new connections.
     assert await get(port) == b"hello"
+
+
+async def test_listener_closes_client_mid_request() -> None:
+    started = asyncio.Event()
+
+    async def stall(request: web.BaseRequest) -> web.Response:
+        started.set()
+        await asyncio.sleep(60.0)
+        return web.Response(body=b"late")
+
+    server = IdleSweepServer(stall, keepalive_timeout=5.0, handler_cancellation=True)
+    server_runner = web.ServerRunner(server, handle_signals=False)
+    await server_runner.setup()
+    try:
+        site = BatchAcceptSite(server_runner, LOOPBACK, 0, backlog=128)
+        await site.start()
+        reader, writer = await asyncio.open_connection(
+            LOOPBACK, bound_port(server_runner)
+        )
+        writer.write(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+        async with asyncio.timeout(10.0):
+            await started.wait()
+
+        site._server.close_clients()
+
+        received = await read_until_closed(reader)
+        writer.close()
+    finally:
+        await server_runner.cleanup()
+
+    assert received == b""

@@ -309,8 +309,8 @@ class FailoverHandler:
             await asyncio.gather(*self._runs.values(), return_exceptions=True)
             # A run leaves _runs in its done callback, which the loop calls
             # soon after the run ends. From Python 3.12 on, gather over runs
-            # that all ended returns without yielding to the loop, so
-            # without this the loop never ran that callback.
+            # that all ended can return without yielding to the loop, so
+            # this loop would spin without ever letting that callback run.
             await asyncio.sleep(0)
 
     async def fail_over(self, pod: Pod, reason: str) -> None:

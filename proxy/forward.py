@@ -76,7 +76,8 @@ logger = logging.getLogger("stateful_route.forward")
 
 # Headers that inform a pod that a user was moved to it. Only
 # the proxy sets them; a client's own values are dropped. Typed as a tuple
-# of any length, so that mypyc keeps one tuple object for every request.
+# of any length, so that mypyc keeps one tuple object instead of building
+# one per request.
 _ROUTE_HEADERS: Final[tuple[str, ...]] = ("X-Route-Previous-Pod", "X-Route-Reason")
 # Final, so that mypyc calls it without an attribute lookup on the module.
 _monotonic: Final = time.monotonic

@@ -17,25 +17,33 @@ connections idle past their deadline, so a connection closes between
 ``keepalive_timeout`` and ``keepalive_timeout`` plus one sweep interval
 after its last response.
 
-An idle connection also drops its request parser, which keeps the headers
-of the last request until the next one begins, and the peer and socket
-addresses that aiohttp cached on it. The next bytes from the client make a
-new parser. Only a parser that ended a message with the last bytes it
-received is dropped, so that no part of a pipelined request is lost. While
-the server has fewer than `DROP_AT_ONCE_CONNECTIONS` connections, the sweep
-drops them once a connection has been idle for a whole interval. Dropping
-them at the end of every request cost 6 % more instructions per request
-under callgrind (benchmarks/instructions.py). With more connections,
-memory matters more, and a connection drops them as soon as it becomes
-idle. With 10,000 idle connections that kept the resident memory of the
-proxy 7 MiB lower (benchmarks/idle_connections.py).
+A connection idle for a whole sweep interval is parked: a
+`ParkedConnection`, which keeps only the transport and the connection's
+deadline, becomes the transport's protocol, and the handler with its
+parser, its queue and the addresses that aiohttp cached on it is dropped.
+The next bytes from the client make a new handler. Only a connection whose
+parser ended a message with the last bytes it received is parked, so that
+no part of a pipelined request is lost. A connection that cannot be parked
+still drops its parser when it may. With 10,000 idle connections, parking
+kept the resident memory of the proxy 5 MiB lower than dropping only the
+parsers (benchmarks/idle_connections.py).
+
+From `DROP_AT_ONCE_CONNECTIONS` open connections on, a connection drops its
+parser as soon as it becomes idle. From `PARK_AT_ONCE_CONNECTIONS` on, it
+is parked as soon as it becomes idle. Otherwise a burst of new connections
+would leave thousands of handlers until the next sweep, and the process
+keeps their memory after they are freed.
+Dropping the parser at the end of every request costs 6 % more
+instructions per request under callgrind (benchmarks/instructions.py),
+and making a new handler for a parked connection takes about 5 µs, so
+neither happens at once with fewer connections.
 
 The request loop follows `RequestHandler.start()` and
 `RequestHandler._handle_request()` of aiohttp 3.14.5 step by step. It uses
 that class's internals ``_messages``, ``_task_handler``,
 ``_next_keepalive_close_time``, ``_make_error_handler``, ``_parser``,
-``_cache``, ``_current_request``, ``_request_in_progress`` and
-``_handler_waiter``, and the module's ``ERROR`` and
+``_cache``, ``_current_request``, ``_request_in_progress``,
+``_handler_waiter`` and ``_request_count``, and the module's ``ERROR`` and
 ``_PAYLOAD_ACCESS_ERROR``. The parser is made with the arguments of
 `RequestHandler.__init__`. `fill_request_cache` writes ``_cache`` of
 `BaseRequest` and reads its ``_transport_sslcontext`` and
@@ -68,12 +76,64 @@ logger = logging.getLogger("stateful_route.connections")
 # keep-alive timeout sweeps four times per timeout.
 MAX_SWEEP_INTERVAL_S = 1.0
 # From this many open connections on, a connection drops its parser as soon
-# as it becomes idle instead of at the next sweep.
+# as it becomes idle, and from the second number on, it is parked as soon as
+# it becomes idle, instead of at the next sweep.
 DROP_AT_ONCE_CONNECTIONS = 1_000
+PARK_AT_ONCE_CONNECTIONS = 2_000
 # aiohttp's default ``timeout_ceil_threshold`` in seconds, as a float:
 # RequestHandler stores float(value), which is this object itself, where
 # the default int 5 would give every connection a float of its own.
 _TIMEOUT_CEIL_THRESHOLD_S = 5.0
+
+
+class ParkedConnection:
+    """The protocol of an idle client connection whose handler was dropped.
+
+    It keeps the transport and the time at which the connection expires,
+    about 0.1 KiB where a handler keeps about 0.6 KiB. The first bytes
+    from the client give the connection a new handler through
+    `IdleSweepServer.unpark`, which makes it the transport's protocol again.
+
+    :param server: the server that keeps the parked connections.
+    :param transport: the connection's transport.
+    :param close_time: the loop time at which the idle connection expires.
+    :param request_count: the requests that the connection sent so far.
+    """
+
+    def __init__(
+        self,
+        server: IdleSweepServer,
+        transport: asyncio.Transport,
+        close_time: float,
+        request_count: int,
+    ) -> None:
+        self.server = server
+        self.transport = transport
+        self.close_time = close_time
+        self.request_count = request_count
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop calls this only on the protocol that a transport starts with,
+        # which was the handler.
+        pass
+
+    def data_received(self, data: bytes) -> None:
+        self.server.unpark(self, data)
+
+    def eof_received(self) -> bool:
+        # The client ended the connection between requests, so the transport
+        # closes it, as after aiohttp's handler.
+        return False
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.server.parked_lost(self)
+
+    def pause_writing(self) -> None:
+        # Nothing is written to a parked connection.
+        pass
+
+    def resume_writing(self) -> None:
+        pass
 
 
 # Non-native, because mypyc 2.4.1 fails at import on a native subclass of
@@ -107,6 +167,8 @@ class IdleSweepServer(aiohttp.web_server.Server):
         self.keepalive_timeout = keepalive_timeout
         self.sweep_interval_s = min(MAX_SWEEP_INTERVAL_S, max(keepalive_timeout, 0) / 4)
         self._sweep_handle: asyncio.TimerHandle | None = None
+        # The idle connections whose handlers were dropped.
+        self._parked: set[ParkedConnection] = set()
 
     def connection_made(
         self, handler: web_protocol.RequestHandler, transport: asyncio.Transport
@@ -117,24 +179,64 @@ class IdleSweepServer(aiohttp.web_server.Server):
                 self.sweep_interval_s, self._sweep
             )
 
+    def open_connections(self) -> int:
+        """Return how many client connections are open, parked ones included."""
+        return len(self._connections) + len(self._parked)
+
+    def client_transports(self) -> list[asyncio.Transport]:
+        """Return the transports of the open client connections."""
+        transports = [parked.transport for parked in self._parked]
+        for handler in self._connections:
+            if handler.transport is not None:
+                transports.append(handler.transport)
+        return transports
+
+    def park(
+        self, handler: web_protocol.RequestHandler, parked: ParkedConnection
+    ) -> None:
+        """Keep `parked` in place of the idle `handler`, which is dropped."""
+        self._connections.pop(handler, None)
+        self._parked.add(parked)
+
+    def unpark(self, parked: ParkedConnection, data: bytes) -> None:
+        """Give a parked connection a new handler, which reads `data` first."""
+        self._parked.discard(parked)
+        handler = self()
+        # aiohttp logs a request that is not HTTP as an error, except as
+        # the first of its connection.
+        handler._request_count = parked.request_count
+        transport = parked.transport
+        transport.set_protocol(handler)
+        handler.connection_made(transport)
+        handler.data_received(data)
+
+    def parked_lost(self, parked: ParkedConnection) -> None:
+        self._parked.discard(parked)
+
     def _sweep(self) -> None:
-        """Close connections idle past their deadline, drop other idle parsers."""
+        """Close connections idle past their deadline, park the other idle ones."""
         now = self._loop.time()
         # An idle connection whose deadline is before this one has been idle
         # for at least a sweep interval.
         idle_before = now - self.sweep_interval_s + self.keepalive_timeout
         expired = []
+        idle = []
         for handler in self._connections:
             if handler._task_handler is not None:
                 continue
             close_time = handler._next_keepalive_close_time
             if close_time <= now:
                 expired.append(handler)
-            elif close_time <= idle_before and handler._parser is not None:
-                cast(OnDemandRequestHandler, handler).drop_parser()
+            elif close_time <= idle_before:
+                idle.append(handler)
         for handler in expired:
             handler.force_close()
-        if self._connections:
+        for handler in idle:
+            cast(OnDemandRequestHandler, handler).park()
+        for parked in [p for p in self._parked if p.close_time <= now]:
+            # Its connection_lost removes it from the parked ones.
+            parked.transport.close()
+        if self._connections or self._parked:
             self._sweep_handle = self._loop.call_later(
                 self.sweep_interval_s, self._sweep
             )
@@ -144,12 +246,21 @@ class IdleSweepServer(aiohttp.web_server.Server):
     def __call__(self) -> OnDemandRequestHandler:
         return OnDemandRequestHandler(self, loop=self._loop, **self._kwargs)
 
+    def pre_shutdown(self) -> None:
+        super().pre_shutdown()
+        self._close_parked()
+
     async def shutdown(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
         # The signature is aiohttp's, which the runner calls.
         await super().shutdown(timeout)
+        self._close_parked()
         if self._sweep_handle is not None:
             self._sweep_handle.cancel()
             self._sweep_handle = None
+
+    def _close_parked(self) -> None:
+        for parked in list(self._parked):
+            parked.transport.close()
 
 
 @mypyc_attr(native_class=False)
@@ -238,6 +349,49 @@ class OnDemandRequestHandler(aiohttp.web_protocol.RequestHandler):
             and not self._reading_paused
         )
 
+    def can_park(self) -> bool:
+        """Return whether the connection is idle and may leave this handler."""
+        transport = self.transport
+        return (
+            self._task_handler is None
+            and transport is not None
+            and not transport.is_closing()
+            and self._manager is not None
+            and not self._paused
+            and not self._buffer_paused
+            and self._waiter is None
+            and self.can_drop_parser()
+        )
+
+    def park(self) -> None:
+        """Hand the idle connection to a `ParkedConnection`, and let this handler go.
+
+        A connection with state that the next request needs only drops what
+        `drop_parser` may drop, and stays with this handler.
+        """
+        if not self.can_park():
+            self.drop_parser()
+            return
+        transport = self.transport
+        manager = self._manager
+        assert transport is not None and manager is not None
+        server = cast(IdleSweepServer, manager)
+        parked = ParkedConnection(
+            server, transport, self._next_keepalive_close_time, self._request_count
+        )
+        # It has the methods of asyncio.Protocol, but as a class that mypyc
+        # compiles it cannot derive from it.
+        transport.set_protocol(parked)  # type: ignore[arg-type]
+        server.park(self, parked)
+        # What connection_lost clears, so that the handler refers to nothing
+        # that outlives it.
+        self.transport = None
+        self._manager = None
+        self._request_handler = None
+        self._request_factory = None
+        self._parser = None
+        self._last_payload = None
+
     def drop_parser(self) -> None:
         """Drop the parser and cached addresses of an idle connection.
 
@@ -281,6 +435,7 @@ class OnDemandRequestHandler(aiohttp.web_protocol.RequestHandler):
         assert manager is not None
         factory = self._request_factory
         assert factory is not None
+        park = False
         try:
             while self._messages and not self._force_close:
                 served = await self._serve_one(loop, manager, factory)
@@ -296,10 +451,17 @@ class OnDemandRequestHandler(aiohttp.web_protocol.RequestHandler):
                         self.end_connection()
                     return
             self._next_keepalive_close_time = loop.time() + self._keepalive_timeout
-            if len(manager._connections) >= DROP_AT_ONCE_CONNECTIONS:
+            open_connections = len(manager._connections) + len(
+                cast(IdleSweepServer, manager)._parked
+            )
+            if open_connections >= PARK_AT_ONCE_CONNECTIONS:
+                park = True
+            elif open_connections >= DROP_AT_ONCE_CONNECTIONS:
                 self.drop_parser()
         finally:
             self._task_handler = None
+        if park:
+            self.park()
 
     async def _serve_one(
         self,

@@ -557,6 +557,7 @@ class InboundRequestHandler(OnDemandRequestHandler):
     def can_drop_parser(self) -> bool:
         return (
             not self._head
+            and self._head_timer is None
             and not self._skip
             and self._mode in (_HEAD, _LOST)
             and super().can_drop_parser()

@@ -24,6 +24,8 @@ from typing import Any
 from aiohttp import web
 from yarl import URL
 
+from proxy.connections import IdleSweepServer
+
 logger = logging.getLogger("stateful_route.listener")
 
 # Connections accepted per readiness event of a listening socket, so that a
@@ -121,6 +123,8 @@ class _Listener(asyncio.AbstractServer):
             transport.abort()
 
     def _client_transports(self) -> list[asyncio.Transport]:
+        if isinstance(self._server, IdleSweepServer):
+            return self._server.client_transports()
         return [
             handler.transport
             for handler in self._server.connections

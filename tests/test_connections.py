@@ -12,7 +12,11 @@ from aiohttp import web
 from conftest import LOOPBACK
 
 from proxy import connections
-from proxy.connections import IdleSweepServer, OnDemandRequestHandler
+from proxy.connections import (
+    IdleSweepServer,
+    OnDemandRequestHandler,
+    ParkedConnection,
+)
 
 # Short enough for a test, long enough that a loaded machine responds to a
 # request well within it.
@@ -141,39 +145,159 @@ async def wait_until(condition: Callable[[], bool]) -> None:
             await asyncio.sleep(0.01)
 
 
-async def test_idle_connection_keeps_no_task_or_parser(serve: ServeFactory) -> None:
+def parked(served: Served) -> list[ParkedConnection]:
+    return list(served.server._parked)
+
+
+async def test_idle_connection_parked_after_interval(
+    serve: ServeFactory,
+) -> None:
     served = await serve(keepalive_s=LONG_KEEPALIVE_S)
     async with connected(served.port) as (reader, writer):
         writer.write(get("/first"))
         assert await read_body(reader) == b"/first"
         [handler] = served.handlers()
         await wait_until(lambda: handler._task_handler is None)
-        # The sweep drops the parser after a whole interval of idleness.
-        await wait_until(lambda: handler._parser is None)
+        # The sweep parks the connection after a whole interval of idleness.
+        await wait_until(lambda: not served.server.connections)
 
-        assert not handler._messages
-        assert not handler._cache
+        [connection] = parked(served)
+        assert connection.transport.get_protocol() is connection
+        assert handler.transport is None
+        assert handler._parser is None
+        assert served.server.open_connections() == 1
+        assert served.server.client_transports() == [connection.transport]
         writer.write(get("/second"))
         assert await read_body(reader) == b"/second"
+        [second_handler] = served.handlers()
+        assert second_handler is not handler
+        assert not parked(served)
+        assert connection.transport.get_protocol() is second_handler
 
     assert served.targets == ["/first", "/second"]
 
 
-async def test_many_connections_drop_parser_at_once(
+async def test_many_connections_park_at_once(
+    serve: ServeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(connections, "PARK_AT_ONCE_CONNECTIONS", 1)
+    # No sweep runs during the test, so only the end of a request parks.
+    monkeypatch.setattr(connections, "MAX_SWEEP_INTERVAL_S", 60.0)
+    served = await serve(keepalive_s=240.0)
+    async with connected(served.port) as (reader, writer):
+        for target in ["/first", "/second", "/third"]:
+            writer.write(get(target))
+            assert await read_body(reader) == target.encode()
+            await wait_until(lambda: len(parked(served)) == 1)
+            assert not served.server.connections
+
+    assert served.targets == ["/first", "/second", "/third"]
+
+
+async def test_drop_parser_at_once_below_parking(
     serve: ServeFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(connections, "DROP_AT_ONCE_CONNECTIONS", 1)
-    served = await serve(keepalive_s=LONG_KEEPALIVE_S)
+    monkeypatch.setattr(connections, "MAX_SWEEP_INTERVAL_S", 60.0)
+    served = await serve(keepalive_s=240.0)
     async with connected(served.port) as (reader, writer):
         writer.write(get("/first"))
         assert await read_body(reader) == b"/first"
         [handler] = served.handlers()
         await wait_until(lambda: handler._task_handler is None)
 
-        # A sweep drops a parser only after a whole interval of idleness.
         assert handler._parser is None
+        assert not parked(served)
         writer.write(get("/second"))
         assert await read_body(reader) == b"/second"
+        assert served.handlers() == [handler]
+
+
+async def park_one(served: Served, client: Client) -> ParkedConnection:
+    """Send one request on `client` and return its connection once parked."""
+    reader, writer = client
+    writer.write(get("/first"))
+    assert await read_body(reader) == b"/first"
+    await wait_until(lambda: len(parked(served)) == 1)
+    return parked(served)[0]
+
+
+async def test_parked_connection_reads_pipelined_requests(
+    serve: ServeFactory,
+) -> None:
+    served = await serve(keepalive_s=LONG_KEEPALIVE_S)
+    async with connected(served.port) as (reader, writer):
+        await park_one(served, (reader, writer))
+        writer.write(get("/second") + post("/third", b"body") + get("/fourth"))
+        answered = [await read_body(reader) for _ in range(3)]
+
+    assert answered == [b"/second", b"/third", b"/fourth"]
+    assert served.bodies == [b"", b"", b"body", b""]
+
+
+async def test_parked_connection_reads_head_in_pieces(serve: ServeFactory) -> None:
+    served = await serve(keepalive_s=LONG_KEEPALIVE_S)
+    async with connected(served.port) as (reader, writer):
+        await park_one(served, (reader, writer))
+        request = post("/upload", b"0123456789")
+        for start in range(0, len(request), 7):
+            writer.write(request[start : start + 7])
+            await writer.drain()
+            await asyncio.sleep(0.01)
+        assert await read_body(reader) == b"/upload"
+
+    assert served.bodies[-1] == b"0123456789"
+
+
+async def test_parked_connection_closed_after_keepalive(serve: ServeFactory) -> None:
+    served = await serve()
+    async with connected(served.port) as (reader, writer):
+        writer.write(get("/only"))
+        assert await read_body(reader) == b"/only"
+        started = asyncio.get_running_loop().time()
+        await wait_until(lambda: len(parked(served)) == 1)
+        closed = await closed_by_peer(reader)
+        idle_s = asyncio.get_running_loop().time() - started
+
+    assert closed
+    assert idle_s >= KEEPALIVE_S * 0.9
+    await wait_until(lambda: served.server.open_connections() == 0)
+    await wait_until(lambda: served.server._sweep_handle is None)
+
+
+@pytest.mark.parametrize("ending", ["close", "half_close"])
+async def test_client_ends_parked_connection(serve: ServeFactory, ending: str) -> None:
+    served = await serve(keepalive_s=LONG_KEEPALIVE_S)
+    reader, writer = await asyncio.open_connection(LOOPBACK, served.port)
+    try:
+        await park_one(served, (reader, writer))
+        if ending == "close":
+            writer.close()
+        else:
+            writer.write_eof()
+            # The server closes its side too.
+            assert await closed_by_peer(reader)
+        await wait_until(lambda: served.server.open_connections() == 0)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+@pytest.mark.parametrize("step", ["pre_shutdown", "shutdown"])
+async def test_shutdown_closes_parked_connection(
+    serve: ServeFactory, step: str
+) -> None:
+    served = await serve(keepalive_s=60.0)
+    async with connected(served.port) as (reader, writer):
+        await park_one(served, (reader, writer))
+        if step == "pre_shutdown":
+            served.server.pre_shutdown()
+        else:
+            await served.server.shutdown(WAIT_S)
+        closed = await closed_by_peer(reader)
+
+    assert closed
+    await wait_until(lambda: served.server.open_connections() == 0)
 
 
 async def test_partial_pipelined_head_survives_idle(serve: ServeFactory) -> None:
@@ -184,10 +308,12 @@ async def test_partial_pipelined_head_survives_idle(serve: ServeFactory) -> None
         assert await read_body(reader) == b"/first"
         [handler] = served.handlers()
         await wait_until(lambda: handler._task_handler is None)
-        # Two sweeps pass, and neither may drop the parser with its part
-        # of the second head.
+        # Two sweeps pass, and neither may park the connection or drop the
+        # parser with its part of the second head.
         await asyncio.sleep(served.server.sweep_interval_s * 2.2)
         assert handler._parser is not None
+        assert served.handlers() == [handler]
+        assert not parked(served)
 
         writer.write(second[10:])
         assert await read_body(reader) == b"/second"

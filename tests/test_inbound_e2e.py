@@ -1160,6 +1160,56 @@ async def test_requests_renew_keepalive(launch: Any) -> None:
     assert closed
 
 
+@pytest.mark.parametrize("next_bytes", ["incomplete", "malformed", "whole"])
+async def test_request_after_idle_interval_checked(
+    launch: Any, pod: RecordPod, next_bytes: str
+) -> None:
+    proxy = launch(keepalive_timeout_s=KEEPALIVE_TIMEOUT_S)
+    mark = pod.mark()
+    reader, writer = await asyncio.open_connection(LOOPBACK, proxy.port)
+    try:
+        writer.write(head("after-idle", "/before-idle"))
+        await writer.drain()
+        async with asyncio.timeout(RAW_TIMEOUT_S):
+            first_status, _, _ = await read_response(reader)
+        # Two sweep intervals: the connection is parked without its handler,
+        # and the next bytes get a new one.
+        await asyncio.sleep(KEEPALIVE_TIMEOUT_S / 2)
+        if next_bytes == "incomplete":
+            writer.write(b"GET /dribble HTTP/1.1\r\nHost: x\r\nX-Uid: after-idle\r\n")
+        elif next_bytes == "malformed":
+            lengths = "Content-Length: 5\r\nContent-Length: 6\r\n"
+            writer.write(head("after-idle", "/smuggled", lengths, "POST") + b"hello!")
+        else:
+            writer.write(head("after-idle", "/after-idle"))
+        await writer.drain()
+        async with asyncio.timeout(RAW_TIMEOUT_S):
+            status, _, body = await read_response(reader)
+        closed = status >= 400 and await is_closed(reader)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+    assert first_status == 200
+    targets = [
+        record["target"]
+        for record in pod.records_since(mark)
+        if record["event"] == "request"
+    ]
+    if next_bytes == "whole":
+        assert status == 200
+        assert targets == ["/before-idle", "/after-idle"]
+        return
+    if next_bytes == "incomplete":
+        assert status == 408
+        assert json.loads(body)["error"] == "header_timeout"
+    else:
+        assert status == 400
+        assert set(json.loads(body)) >= {"error", "message"}
+    assert closed
+    assert targets == ["/before-idle"]
+
+
 async def test_request_in_progress_outlives_keepalive(
     launch: Any, pod: RecordPod
 ) -> None:

@@ -196,3 +196,30 @@ async def test_listener_closes_client_mid_request() -> None:
         await server_runner.cleanup()
 
     assert received == b""
+
+
+@pytest.mark.parametrize("method", ["close_clients", "abort_clients"])
+async def test_listener_closes_parked_clients(method: str) -> None:
+    server = IdleSweepServer(hello, keepalive_timeout=4.0)
+    server_runner = web.ServerRunner(server, handle_signals=False)
+    await server_runner.setup()
+    try:
+        site = BatchAcceptSite(server_runner, LOOPBACK, 0, backlog=128)
+        await site.start()
+        port = bound_port(server_runner)
+        connections = [await open_idle_connection(port) for _ in range(3)]
+        # Idle for a sweep interval, the connections leave their handlers.
+        async with asyncio.timeout(10.0):
+            while True:
+                if not server.connections:
+                    break
+                await asyncio.sleep(0.05)
+        assert server.open_connections() == 3
+
+        getattr(site._server, method)()
+
+        for reader, writer in connections:
+            assert await read_until_closed(reader) == b""
+            writer.close()
+    finally:
+        await server_runner.cleanup()

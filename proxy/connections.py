@@ -18,33 +18,36 @@ connections idle past their deadline, so a connection closes between
 after its last response.
 
 A connection idle for a whole sweep interval is parked: a
-`ParkedConnection`, which keeps only the transport and the connection's
-deadline, becomes the transport's protocol, and the handler with its
-parser, its queue and the addresses that aiohttp cached on it is dropped.
-The next bytes from the client make a new handler. Only a connection whose
-parser ended a message with the last bytes it received is parked, so that
-no part of a pipelined request is lost. A connection that cannot be parked
-still drops its parser when it may. With 10,000 idle connections, parking
-kept the resident memory of the proxy 5 MiB lower than dropping only the
-parsers (benchmarks/idle_connections.py).
+`ParkedConnection`, which keeps only the server, the transport, the
+connection's deadline and its request count, becomes the transport's
+protocol. The handler with its parser, its queue and the addresses that
+aiohttp cached on it is dropped. The next bytes from the client make a new
+handler, and bytes that start no request leave the deadline as it was. Only
+a connection whose last bytes ended with an empty line, with no request or
+body in progress, is parked, so that no part of a pipelined request is lost.
+A connection that cannot be parked still drops its parser when it may. With
+10,000 idle connections, parking kept the resident memory of the proxy 5 MiB
+lower than dropping only the parsers (benchmarks/idle_connections.py).
 
 From `DROP_AT_ONCE_CONNECTIONS` open connections on, a connection drops its
-parser as soon as it becomes idle. From `PARK_AT_ONCE_CONNECTIONS` on, it
-is parked as soon as it becomes idle. Otherwise a burst of new connections
+parser as soon as it becomes idle. From `PARK_AT_ONCE_CONNECTIONS` on, it is
+parked as soon as it becomes idle. Otherwise a burst of new connections
 would leave thousands of handlers until the next sweep, and the process
-keeps their memory after they are freed.
-Dropping the parser at the end of every request costs 6 % more
-instructions per request under callgrind (benchmarks/instructions.py),
-and making a new handler for a parked connection takes about 5 µs, so
-neither happens at once with fewer connections.
+keeps their memory after they are freed. Dropping the parser at the end of
+every request costs 6 % more instructions per request under callgrind
+(benchmarks/instructions.py), and making a new handler for a parked
+connection takes about 5 µs, so neither happens at once with fewer
+connections.
 
 The request loop follows `RequestHandler.start()` and
 `RequestHandler._handle_request()` of aiohttp 3.14.5 step by step. It uses
 that class's internals ``_messages``, ``_task_handler``,
 ``_next_keepalive_close_time``, ``_make_error_handler``, ``_parser``,
 ``_cache``, ``_current_request``, ``_request_in_progress``,
-``_handler_waiter`` and ``_request_count``, and the module's ``ERROR`` and
-``_PAYLOAD_ACCESS_ERROR``. The parser is made with the arguments of
+``_handler_waiter``, ``_request_count``, ``_waiter``, ``_manager``,
+``_request_handler`` and ``_request_factory``, ``_paused`` of
+`BaseProtocol`, ``_connections`` of `web.Server`, and the module's ``ERROR``
+and ``_PAYLOAD_ACCESS_ERROR``. The parser is made with the arguments of
 `RequestHandler.__init__`. `fill_request_cache` writes ``_cache`` of
 `BaseRequest` and reads its ``_transport_sslcontext`` and
 ``_transport_peername``.
@@ -89,8 +92,8 @@ _TIMEOUT_CEIL_THRESHOLD_S = 5.0
 class ParkedConnection:
     """The protocol of an idle client connection whose handler was dropped.
 
-    It keeps the transport and the time at which the connection expires,
-    about 0.1 KiB where a handler keeps about 0.6 KiB. The first bytes
+    It keeps the server, the transport, the connection's deadline and its
+    request count, about 0.1 KiB where a handler keeps about 0.6 KiB. The first bytes
     from the client give the connection a new handler through
     `IdleSweepServer.unpark`, which makes it the transport's protocol again.
 
@@ -209,6 +212,10 @@ class IdleSweepServer(aiohttp.web_server.Server):
         transport.set_protocol(handler)
         handler.connection_made(transport)
         handler.data_received(data)
+        if handler._task_handler is None and handler.can_drop_parser():
+            # Bytes that start no request, such as empty lines, keep the
+            # deadline of the last response, as they do on a handler.
+            handler._next_keepalive_close_time = parked.close_time
 
     def parked_lost(self, parked: ParkedConnection) -> None:
         self._parked.discard(parked)

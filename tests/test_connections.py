@@ -506,3 +506,27 @@ async def test_shutdown_waits_for_response_in_progress(serve: ServeFactory) -> N
     assert body == b"/slow"
     assert served.cancelled == []
     assert not handler._request_in_progress
+
+
+async def test_empty_lines_do_not_renew_keepalive(serve: ServeFactory) -> None:
+    served = await serve()
+    loop = asyncio.get_running_loop()
+    async with connected(served.port) as (reader, writer):
+        writer.write(get("/only"))
+        assert await read_body(reader) == b"/only"
+        started = loop.time()
+        # Empty lines start no request, so the connection stays idle since
+        # its response, parked or not, and closes at its deadline.
+        closed = False
+        while not closed and loop.time() - started < KEEPALIVE_S * 4:
+            try:
+                writer.write(b"\r\n\r\n")
+                await writer.drain()
+                async with asyncio.timeout(KEEPALIVE_S * 0.4):
+                    closed = await reader.read(1024) == b""
+            except TimeoutError:
+                pass
+            except ConnectionError:
+                closed = True
+
+    assert closed

@@ -1160,21 +1160,29 @@ async def test_requests_renew_keepalive(launch: Any) -> None:
     assert closed
 
 
+async def parked_connection(
+    port: int, uid: str
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Open a connection, send one request and wait until the proxy parks it."""
+    reader, writer = await asyncio.open_connection(LOOPBACK, port)
+    writer.write(head(uid, "/before-idle"))
+    await writer.drain()
+    async with asyncio.timeout(RAW_TIMEOUT_S):
+        status, _, _ = await read_response(reader)
+    assert status == 200
+    # Two sweep intervals, after which the proxy has parked it.
+    await asyncio.sleep(KEEPALIVE_TIMEOUT_S / 2)
+    return reader, writer
+
+
 @pytest.mark.parametrize("next_bytes", ["incomplete", "malformed", "whole"])
 async def test_request_after_idle_interval_checked(
     launch: Any, pod: RecordPod, next_bytes: str
 ) -> None:
     proxy = launch(keepalive_timeout_s=KEEPALIVE_TIMEOUT_S)
     mark = pod.mark()
-    reader, writer = await asyncio.open_connection(LOOPBACK, proxy.port)
+    reader, writer = await parked_connection(proxy.port, "after-idle")
     try:
-        writer.write(head("after-idle", "/before-idle"))
-        await writer.drain()
-        async with asyncio.timeout(RAW_TIMEOUT_S):
-            first_status, _, _ = await read_response(reader)
-        # Two sweep intervals: the connection is parked without its handler,
-        # and the next bytes get a new one.
-        await asyncio.sleep(KEEPALIVE_TIMEOUT_S / 2)
         if next_bytes == "incomplete":
             writer.write(b"GET /dribble HTTP/1.1\r\nHost: x\r\nX-Uid: after-idle\r\n")
         elif next_bytes == "malformed":
@@ -1190,7 +1198,6 @@ async def test_request_after_idle_interval_checked(
         writer.close()
         await writer.wait_closed()
 
-    assert first_status == 200
     targets = [
         record["target"]
         for record in pod.records_since(mark)
@@ -1586,3 +1593,124 @@ async def test_requests_behind_declined_upgrade_answered(
         await writer.wait_closed()
 
     assert answered == [f"/{marker}-{number}" for number in range(3)]
+
+
+async def test_empty_lines_do_not_renew_keepalive(launch: Any) -> None:
+    proxy = launch(keepalive_timeout_s=KEEPALIVE_TIMEOUT_S)
+    clock = asyncio.get_running_loop()
+    started = clock.time()
+    reader, writer = await parked_connection(proxy.port, "empty-lines")
+    closed = False
+    try:
+        while not closed and clock.time() - started < KEEPALIVE_TIMEOUT_S * 4:
+            try:
+                writer.write(b"\r\n\r\n")
+                await writer.drain()
+                async with asyncio.timeout(KEEPALIVE_TIMEOUT_S * 0.4):
+                    closed = await reader.read(1024) == b""
+            except TimeoutError:
+                pass
+            except ConnectionError:
+                closed = True
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+    assert closed
+
+
+@pytest.mark.parametrize(
+    ("data", "status", "code"),
+    [
+        (
+            b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 40000 + b"\r\n\r\n",
+            431,
+            "header_too_large",
+        ),
+        (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 505, "unsupported_http_version"),
+        (
+            head("after-park", "/", "Transfer-Encoding: chunked\r\n", "POST")
+            + b"zz\r\n\r\n",
+            400,
+            "invalid_request",
+        ),
+    ],
+    ids=["head-too-large", "http2-preface", "bad-chunk-size"],
+)
+async def test_malformed_request_after_parking(
+    launch: Any, data: bytes, status: int, code: str
+) -> None:
+    proxy = launch(keepalive_timeout_s=KEEPALIVE_TIMEOUT_S)
+    reader, writer = await parked_connection(proxy.port, "after-park")
+    try:
+        writer.write(data)
+        await writer.drain()
+        async with asyncio.timeout(RAW_TIMEOUT_S):
+            got, headers, body = await read_response(reader)
+        closed = await is_closed(reader)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+    assert got == status
+    assert json.loads(body)["error"] == code
+    assert headers.get("Connection") == "close"
+    assert closed
+
+
+async def test_parked_connection_reads_single_bytes(launch: Any) -> None:
+    proxy = launch(keepalive_timeout_s=KEEPALIVE_TIMEOUT_S)
+    reader, writer = await parked_connection(proxy.port, "bytewise")
+    answers = []
+    try:
+        request = head("bytewise", "/chunked", "Transfer-Encoding: chunked\r\n", "POST")
+        request += b"5\r\nhello\r\n0\r\n\r\n" + head("bytewise", "/next")
+        # Single bytes, so that reads end with an empty line inside requests.
+        for index in range(len(request)):
+            writer.write(request[index : index + 1])
+            await writer.drain()
+            if index % 40 == 0:
+                await asyncio.sleep(0.01)
+        async with asyncio.timeout(RAW_TIMEOUT_S):
+            for _ in range(2):
+                status, _, body = await read_response(reader)
+                record = json.loads(body)
+                answers.append((status, record["target"], record["length"]))
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+    assert answers == [(200, "/chunked", 5), (200, "/next", 0)]
+
+
+async def test_unread_responses_outlast_sweeps(launch: Any) -> None:
+    proxy = launch(keepalive_timeout_s=4.0)
+    count = 6
+    # Each response echoes about 60 KB of headers, so the proxy's write
+    # buffer stays above its high-water mark while the client does not read.
+    fill = ("X-Fill: " + "f" * 15000 + "\r\n") * 4
+    reader, writer = await asyncio.open_connection(LOOPBACK, proxy.port)
+    targets = []
+    try:
+        writer.write(
+            b"".join(head("unread", f"/unread-{n}", fill) for n in range(count))
+        )
+        await writer.drain()
+        await asyncio.sleep(2.0)
+        async with asyncio.timeout(RAW_TIMEOUT_S):
+            for _ in range(count):
+                _, _, body = await read_response(reader)
+                targets.append(json.loads(body)["target"])
+        # Parked by now, and the next request gets a new handler.
+        await asyncio.sleep(1.5)
+        writer.write(head("unread", "/after"))
+        await writer.drain()
+        async with asyncio.timeout(RAW_TIMEOUT_S):
+            status, _, body = await read_response(reader)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+    assert targets == [f"/unread-{n}" for n in range(count)]
+    assert status == 200
+    assert json.loads(body)["target"] == "/after"

@@ -93,8 +93,8 @@ class ParkedConnection:
     """The protocol of an idle client connection whose handler was dropped.
 
     It keeps the server, the transport, the connection's deadline and its
-    request count, about 0.1 KiB where a handler keeps about 0.6 KiB. The first bytes
-    from the client give the connection a new handler through
+    request count, about 0.1 KiB where a handler keeps about 0.6 KiB. The
+    first bytes from the client give the connection a new handler through
     `IdleSweepServer.unpark`, which makes it the transport's protocol again.
 
     :param server: the server that keeps the parked connections.
@@ -216,6 +216,9 @@ class IdleSweepServer(aiohttp.web_server.Server):
             # Bytes that start no request, such as empty lines, keep the
             # deadline of the last response, as they do on a handler.
             handler._next_keepalive_close_time = parked.close_time
+        # NOTE: bytes that end inside a line, such as a lone CRLF, leave the
+        # new deadline in place, once, so such a client can hold the
+        # connection for up to twice the keep-alive timeout.
 
     def parked_lost(self, parked: ParkedConnection) -> None:
         self._parked.discard(parked)

@@ -79,9 +79,10 @@ logger = logging.getLogger("stateful_route.connections")
 # keep-alive timeout sweeps four times per timeout.
 MAX_SWEEP_INTERVAL_S = 1.0
 # From this many open connections on, a connection drops its parser as soon
-# as it becomes idle, and from the second number on, it is parked as soon as
-# it becomes idle, instead of at the next sweep.
+# as it becomes idle, instead of at the next sweep.
 DROP_AT_ONCE_CONNECTIONS = 1_000
+# From this many open connections on, a connection is parked as soon as it
+# becomes idle, instead of at the next sweep.
 PARK_AT_ONCE_CONNECTIONS = 2_000
 # aiohttp's default ``timeout_ceil_threshold`` in seconds, as a float:
 # RequestHandler stores float(value), which is this object itself, where
@@ -124,8 +125,8 @@ class ParkedConnection:
         self.server.unpark(self, data)
 
     def eof_received(self) -> bool:
-        # The client ended the connection between requests, so the transport
-        # closes it, as after aiohttp's handler.
+        # The client ended the connection between requests. False lets the
+        # transport close it, as aiohttp's handler does.
         return False
 
     def connection_lost(self, exc: BaseException | None) -> None:
@@ -393,8 +394,8 @@ class OnDemandRequestHandler(aiohttp.web_protocol.RequestHandler):
         # compiles it cannot derive from it.
         transport.set_protocol(parked)  # type: ignore[arg-type]
         server.park(self, parked)
-        # What connection_lost clears, so that the handler refers to nothing
-        # that outlives it.
+        # Clear what connection_lost would clear, so that the dropped handler
+        # keeps nothing alive.
         self.transport = None
         self._manager = None
         self._request_handler = None
